@@ -1,0 +1,340 @@
+"""Tokenize a corpus into flat token-id files for pretraining, and read random windows back out of them.
+
+    python data.py --tokenizer tokenizer.json --out data --text_files 'wiki/AA/wiki_*'
+
+The output folder holds train.bin and val.bin (every document's tokens followed by one [SEP], documents one after
+another, as uint16, or uint32 when the vocabulary has more than 65536 tokens) and meta.json. meta.json is written
+last: a folder without it is incomplete, and load_meta / TokenReader refuse it.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import re
+import threading
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+from common import SEP_ID, SPECIAL_TOKENS, UserError
+
+FORMAT = 1
+SPLITS = ("train", "val")
+META = "meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id below vocab_size."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def is_val(index: int, val_fraction: float, val_docs: int | None) -> bool:
+    """The split rule, by the document's position in the stream (0, 1, ...), so it needs no total count.
+
+    With val_docs: the first val_docs documents. Else a document is in val when a hash of its index, read as a
+    number in [0, 1), is below val_fraction: about that fraction, spread over the corpus, the same on every run.
+    """
+    if val_docs is not None:
+        return index < val_docs
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2.0**64
+
+
+def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_fraction: float = 0.01,
+            val_docs: int | None = None, overwrite: bool = False, sources: list[str] | None = None,
+            source_stats: dict | None = None, batch_bytes: int = 1 << 20, progress: bool = True) -> dict:
+    """Tokenize documents into out_dir (train.bin, val.bin, meta.json) and return the meta.
+
+    Nothing in out_dir changes before the inputs are checked (tokenizer, at least one document, writable folder,
+    no complete data there unless overwrite). With overwrite, the old meta.json goes first, so that an interrupted
+    run leaves a folder no reader accepts. source_stats: the stats dict of common.iter_documents, for the
+    replaced-bytes count. Memory stays bounded: batches of about batch_bytes of text are encoded and appended.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if val_docs is not None and val_docs < 0:
+        raise UserError(f"--val_docs must be >= 0, got {val_docs}")
+    tok = common.load_tokenizer(tokenizer_path)
+    tok.no_padding()
+    tok.no_truncation()
+    tokenizer_sha = common.sha256_file(tokenizer_path)
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    sources = list(sources or [])
+
+    _check_writable_folder(out_dir)
+    meta_path = os.path.join(out_dir, META)
+    if os.path.exists(meta_path) and not overwrite:
+        try:
+            recorded = _read_json(meta_path).get("tokenizer_sha256")
+        except UserError:  # unreadable meta: still refuse, the user decides
+            recorded = tokenizer_sha
+        why = (f"made by a different tokenizer (recorded sha256 {recorded}, {tokenizer_path} has {tokenizer_sha})"
+               if recorded != tokenizer_sha else "made with this tokenizer")
+        raise UserError(f"{out_dir} already holds complete data, {why}; pass --overwrite to replace it")
+    documents = iter(documents)
+    first = next(documents, None)
+    if first is None:
+        raise UserError(f"no documents in {', '.join(sources[:3]) or 'the input'}")
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
+    if os.path.exists(meta_path):  # overwrite: the folder must stop counting as complete before any .bin changes
+        os.remove(meta_path)
+        _fsync_dir(out_dir)
+    for name in os.listdir(out_dir):  # left by a killed run
+        if re.fullmatch(r"(train|val)\.bin\.tmp\.\d+", name):
+            os.remove(os.path.join(out_dir, name))
+    tmp = {s: os.path.join(out_dir, f"{s}.bin.tmp.{os.getpid()}") for s in SPLITS}
+    counts = {s: {"tokens": 0, "docs": 0} for s in SPLITS}
+    start = time.time()
+    text_bytes = 0
+    files = {}
+    try:
+        for s in SPLITS:
+            files[s] = open(tmp[s], "wb")
+        # Three stages overlap: reading (a thread), encoding (a thread; Rayon uses all cores and releases the GIL)
+        # and, here, splitting and writing.
+        batches = _in_thread(_batches(_chain(first, documents), batch_bytes), depth=2)
+        index = 0
+        with contextlib.closing(_in_thread(_encode(tok, batches), depth=1)) as encoded, \
+                tqdm(desc="tokenizing", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
+            for encodings, nbytes in encoded:
+                ids = {s: [] for s in SPLITS}
+                for enc in encodings:
+                    split = "val" if is_val(index, val_fraction, val_docs) else "train"
+                    ids[split] += enc.ids
+                    ids[split].append(SEP_ID)
+                    counts[split]["docs"] += 1
+                    index += 1
+                for s in SPLITS:
+                    files[s].write(np.array(ids[s], dtype=dtype).tobytes())
+                    counts[s]["tokens"] += len(ids[s])
+                text_bytes += nbytes
+                tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
+                bar.set_postfix_str(f"{tokens / 1e6:.1f}M tokens, {tokens / (time.time() - start) / 1e3:.0f}k tok/s",
+                                    refresh=False)
+                bar.update(nbytes)
+        if counts["train"]["docs"] == 0:
+            raise UserError(f"all {index} documents went to val; lower --val_docs / --val_fraction")
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        for s in SPLITS:
+            os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
+    except OSError as e:
+        raise UserError(f"I/O error while making {out_dir}: {e.strerror or e}") from None
+    finally:
+        for f in files.values():
+            f.close()
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    seconds = time.time() - start
+    meta = {
+        "format": FORMAT,
+        "vocab_size": vocab_size,
+        "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
+        "dtype": dtype.name,
+        "tokenizer_sha256": tokenizer_sha,
+        "splits": counts,
+        "sources": sources,
+        "split_rule": {"val_docs": val_docs} if val_docs is not None else {"val_fraction": val_fraction},
+        "stats": {"text_bytes": text_bytes, "seconds": round(seconds, 3),
+                  "replaced_bytes": (source_stats or {}).get("replaced_bytes", 0)},
+    }
+    _fsync_dir(out_dir)
+    common.atomic_write_json(meta_path, meta)
+    _fsync_dir(out_dir)
+    return meta
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def _batches(documents: Iterator[str], batch_bytes: int) -> Iterator[tuple[list[str], int]]:
+    """Documents grouped into batches of about batch_bytes of UTF-8 text: (docs, bytes)."""
+    batch, nbytes = [], 0
+    for doc in documents:
+        batch.append(doc)
+        nbytes += len(doc.encode("utf-8"))
+        if nbytes >= batch_bytes:
+            yield batch, nbytes
+            batch, nbytes = [], 0
+    if batch:
+        yield batch, nbytes
+
+
+def _encode(tok, batches: Iterator[tuple[list[str], int]]) -> Iterator[tuple[list, int]]:
+    with contextlib.closing(batches):
+        for docs, nbytes in batches:
+            yield tok.encode_batch_fast(docs, add_special_tokens=False), nbytes  # all cores (Rayon)
+
+
+def _in_thread(items: Iterator, depth: int) -> Iterator:
+    """The same items, produced by a thread up to depth ahead of the caller; its exceptions re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+            else:
+                put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+        finally:
+            if hasattr(items, "close"):
+                items.close()  # stops an upstream _in_thread too
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _check_writable_folder(out_dir: str) -> None:
+    """out_dir must be a folder, or creatable as one, and writable: checked before any work is done."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"cannot use {out_dir} as output folder: {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output folder {out_dir}: {path} is not writable")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a data.py meta file")
+    return obj
+
+
+def load_meta(data_dir: str, tokenizer_sha256: str | None = None) -> dict:
+    """The meta of a complete data folder; UserError if incomplete, inconsistent, or made by another tokenizer."""
+    meta_path = os.path.join(data_dir, META)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"{data_dir} holds no complete data (no {META}); make it with: "
+                        f"python data.py --tokenizer tokenizer.json --out {data_dir}")
+    meta = _read_json(meta_path)
+    try:
+        if meta["format"] != FORMAT:
+            raise UserError(f"{meta_path} has format {meta['format']}, this code reads format {FORMAT}")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for s in SPLITS:
+            path, tokens = os.path.join(data_dir, f"{s}.bin"), meta["splits"][s]["tokens"]
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            if size != tokens * itemsize:
+                raise UserError(f"{path} is missing or has {size} bytes, {META} says {tokens * itemsize}; "
+                                "rerun data.py with --overwrite")
+        recorded = meta["tokenizer_sha256"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is not a data.py meta file (bad or missing {e})") from None
+    if tokenizer_sha256 is not None and recorded != tokenizer_sha256:
+        raise UserError(f"{data_dir} was made by a different tokenizer: sha256 {recorded} in {META}, "
+                        f"{tokenizer_sha256} given; rerun data.py with this tokenizer")
+    return meta
+
+
+class TokenReader:
+    """Random contiguous windows of one split, deterministic in (seed, step): a resumed run sees the same batches."""
+
+    def __init__(self, data_dir: str, split: str, seq_len: int, seed: int, tokenizer_sha256: str | None = None):
+        self.meta = load_meta(data_dir, tokenizer_sha256)
+        if split not in self.meta["splits"]:
+            raise UserError(f"no split {split!r} in {data_dir}; there are {', '.join(self.meta['splits'])}")
+        if seq_len < 1 or seed < 0:
+            raise UserError(f"need seq_len >= 1 and seed >= 0, got seq_len={seq_len}, seed={seed}")
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.num_tokens = int(self.meta["splits"][split]["tokens"])
+        self.vocab_size = int(self.meta["vocab_size"])
+        if self.num_tokens < seq_len + 1:
+            raise UserError(f"split {split} of {data_dir} has {self.num_tokens} tokens, fewer than "
+                            f"seq_len + 1 = {seq_len + 1}; use more documents or a shorter sequence")
+        self.tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=self.meta["dtype"], mode="r",
+                                shape=(self.num_tokens,))
+
+    def batch(self, step: int, batch_size: int) -> np.ndarray:
+        """[batch_size, seq_len] int32 windows starting at offsets drawn from default_rng([seed, step])."""
+        rng = np.random.default_rng([self.seed, step])
+        offsets = rng.integers(0, self.num_tokens - self.seq_len + 1, size=batch_size)  # [B]
+        out = np.empty((batch_size, self.seq_len), dtype=np.int32)  # [B, T]
+        for row, offset in enumerate(offsets):
+            out[row] = self.tokens[offset:offset + self.seq_len]
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="tokenizer.json",
+                   help="tokenizer made by tokenizer.py (default: tokenizer.json)")
+    p.add_argument("--out", default="data", help="output folder (default: data)")
+    p.add_argument("--overwrite", action="store_true", help="replace complete data already in --out")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val_fraction", type=float, default=0.01,
+                     help="put about this fraction of documents in val: document number i (0, 1, ... in reading "
+                          "order) goes to val when a hash of i falls below the fraction; the same on every run "
+                          "(default: 0.01)")
+    val.add_argument("--val_docs", type=int, help="instead, put exactly the first N documents in val")
+    p.add_argument("--batch_mb", type=float, default=1.0,
+                   help="MB of text encoded per batch: larger keeps cores busier, smaller uses less memory "
+                        "(default: 1)")
+    common.add_source_args(p)
+    args = p.parse_args()
+
+    stats: dict = {}
+    documents = common.documents_from_args(args, stats)
+    meta = prepare(documents, args.tokenizer, args.out, val_fraction=args.val_fraction, val_docs=args.val_docs,
+                   overwrite=args.overwrite, sources=stats["sources"], source_stats=stats,
+                   batch_bytes=max(1, int(args.batch_mb * 1e6)))
+    sp, st = meta["splits"], meta["stats"]
+    tokens = sp["train"]["tokens"] + sp["val"]["tokens"]
+    print(f"wrote {args.out}: train {sp['train']['docs']} docs {sp['train']['tokens']} tokens, "
+          f"val {sp['val']['docs']} docs {sp['val']['tokens']} tokens ({meta['dtype']}); "
+          f"{st['text_bytes'] / 1e6:.1f} MB in {st['seconds']:.1f} s = "
+          f"{st['text_bytes'] / 1e6 / st['seconds']:.2f} MB/s, "
+          f"{tokens / st['seconds'] / 1e3:.0f}k tokens/s; {st['replaced_bytes']} undecodable bytes replaced")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny synthetic corpus and a tokenizer trained on it (seconds, no downloads)."""
+import random
+
+import pytest
+
+_WORDS = ("the of and to in was is for on that with as by at from his her it an are were be this which or "
+          "river city school music player team season history village station church family language game "
+          "government university album island county national world country population film party war "
+          "district company league professional national international").split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """n documents of 1-4 sentences of common words, deterministic in seed."""
+    rng = random.Random(seed)
+    return [" ".join(" ".join(rng.choices(_WORDS, k=rng.randint(3, 12))).capitalize() + "."
+                     for _ in range(rng.randint(1, 4))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_docs() -> list[str]:
+    return make_docs(200)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory, tiny_docs) -> str:
+    from tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    path.write_text(train_tokenizer(tiny_docs, vocab_size=200).to_str())
+    return str(path)

@@ -1,0 +1,251 @@
+"""tokenizer.py and the document sources it shares with data.py (common.iter_documents)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import common
+from common import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, UserError
+from tokenizer import build_tokenizer, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def assert_user_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_path):
+    return common.load_tokenizer(tiny_tokenizer_path)
+
+
+def test_special_ids_fixed(tok):
+    for token, want in [("[PAD]", PAD_ID), ("[UNK]", UNK_ID), ("[CLS]", CLS_ID), ("[SEP]", SEP_ID),
+                        ("[MASK]", MASK_ID)]:
+        assert tok.token_to_id(token) == want
+    assert tok.get_vocab_size() <= 200
+
+
+def test_single_and_pair_templates(tok):
+    single = tok.encode("the river city")
+    assert single.ids[0] == CLS_ID and single.ids[-1] == SEP_ID
+    assert single.type_ids == [0] * len(single.ids)
+    a = tok.encode("the river", add_special_tokens=False).ids
+    b = tok.encode("a city of music", add_special_tokens=False).ids
+    pair = tok.encode("the river", "a city of music")
+    assert pair.ids == [CLS_ID, *a, SEP_ID, *b, SEP_ID]
+    assert pair.type_ids == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+def test_decoder_round_trip(tok):
+    text = "the university station was in the village of the county"
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text  # special tokens skipped, "##" pieces glued back
+    pieces = tok.encode("riverstationmusic", add_special_tokens=False).tokens
+    assert len(pieces) > 1 and all(p.startswith("##") for p in pieces[1:])
+    assert tok.decode(tok.encode("riverstationmusic").ids) == "riverstationmusic"
+
+
+def test_unknown_character_is_unk(tok):
+    assert tok.encode("\u4e2d", add_special_tokens=False).ids == [UNK_ID]
+
+
+def test_uncased_strips_accents_and_cased_keeps_them(tiny_docs):
+    docs = tiny_docs + ["Café Zürich"] * 5
+    uncased = train_tokenizer(docs, vocab_size=300)
+    cased = train_tokenizer(docs, vocab_size=300, cased=True)
+    assert uncased.decode(uncased.encode("Café Zürich").ids) == "cafe zurich"
+    assert cased.decode(cased.encode("Café Zürich").ids) == "Café Zürich"
+
+
+def test_vocab_too_small_is_user_error(tiny_docs):
+    with pytest.raises(UserError, match="vocab_size"):
+        train_tokenizer(tiny_docs, vocab_size=5)
+
+
+def test_hand_built_tokenizer_follows_the_contract(tmp_path):
+    vocab = {t: i for i, t in enumerate(common.SPECIAL_TOKENS + ["the", "river", "##s"])}
+    path = tmp_path / "tok.json"
+    path.write_text(build_tokenizer(vocab).to_str())
+    tok = common.load_tokenizer(str(path))
+    assert tok.encode("The rivers").ids == [CLS_ID, 5, 6, 7, SEP_ID]
+
+
+def test_load_tokenizer_rejects_wrong_special_ids(tmp_path):
+    vocab = {t: i for i, t in enumerate(["the"] + common.SPECIAL_TOKENS)}
+    path = tmp_path / "tok.json"
+    path.write_text(build_tokenizer(vocab).to_str())
+    with pytest.raises(UserError, match=r"\[PAD\] at id 0"):
+        common.load_tokenizer(str(path))
+
+
+# --- document sources ------------------------------------------------------------------------------------------
+
+WIKI = """<doc id="1" url="?curid=1" title="Empty page">
+Empty page
+
+
+</doc>
+<doc id="2" url="?curid=2" title="River">
+River
+
+A river flows.
+History.
+It is old.
+</doc>
+<doc id="3" url="?curid=3" title="Only title">
+Only title
+</doc>
+<doc id="4" url="?curid=4" title="City">
+City
+A city.
+</doc>
+"""
+
+
+def read(paths, **kw):
+    stats = {}
+    return list(common.iter_documents([str(p) for p in paths], stats=stats, **kw)), stats
+
+
+def test_wikiextractor_docs_drop_title_and_skip_empty(tmp_path):
+    (tmp_path / "wiki_00").write_text(WIKI)
+    docs, stats = read([tmp_path / "wiki_00"])
+    assert docs == ["A river flows.\nHistory.\nIt is old.", "A city."]
+    assert stats["docs"] == 2 and stats["bytes"] == len(WIKI.encode()) and stats["replaced_bytes"] == 0
+
+
+def test_wikiextractor_malformed_is_user_error(tmp_path):
+    (tmp_path / "cut").write_text(WIKI + '<doc id="5" title="x">\nx\nbody\n')
+    with pytest.raises(UserError, match="without </doc>"):
+        read([tmp_path / "cut"])
+    (tmp_path / "stray").write_text("stray text\n" + WIKI)
+    with pytest.raises(UserError, match="outside a <doc>"):
+        read([tmp_path / "stray"], fmt="wikiextractor")
+
+
+def test_jsonl_and_plain_text(tmp_path):
+    (tmp_path / "a.jsonl").write_text('\ufeff{"text": "first doc", "id": 1}\n\n{"text": ""}\n{"text": "second\\ndoc"}\n')
+    (tmp_path / "b.txt").write_text("line one\n\n   \nline two\r\n")
+    docs, stats = read([tmp_path / "a.jsonl", tmp_path / "b.txt"])
+    assert docs == ["first doc", "second\ndoc", "line one", "line two"]
+    assert stats["sources"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]
+    # --format text overrides the sniffing: each JSON line is then a plain-text document
+    docs, _ = read([tmp_path / "a.jsonl"], fmt="text")
+    assert docs[0] == '{"text": "first doc", "id": 1}' and len(docs) == 3
+
+
+def test_jsonl_without_text_field_is_user_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(UserError, match=r"a\.jsonl:2: .*'text'"):
+        read([tmp_path / "a.jsonl"])
+
+
+def test_undecodable_bytes_replaced_and_counted(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 ok\nfine \xff\xfe line\nclean \xef\xbf\xbd kept\n")
+    docs, stats = read([tmp_path / "bad.txt"])
+    assert docs == ["caf\ufffd ok", "fine \ufffd\ufffd line", "clean \ufffd kept"]
+    assert stats["replaced_bytes"] == 3  # the real U+FFFD in line 3 is text, not a replaced byte
+
+
+def test_num_docs_cap_globs_and_dedup(tmp_path):
+    for i in range(3):
+        (tmp_path / f"f{i}.txt").write_text("".join(f"doc {i} {j}\n" for j in range(4)))
+    docs, stats = read([tmp_path / "f*.txt", tmp_path / "f0.txt"], num_docs=0)
+    assert len(docs) == 12 and len(stats["sources"]) == 3
+    docs, stats = read([tmp_path / "f*.txt"], num_docs=5)
+    assert docs == [f"doc 0 {j}" for j in range(4)] + ["doc 1 0"] and stats["docs"] == 5
+
+
+def test_bad_paths_fail_at_call_time(tmp_path):
+    with pytest.raises(UserError, match="no files match"):
+        common.iter_documents([str(tmp_path / "nothing*")])
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        common.iter_documents([str(tmp_path / "*")])
+
+
+def test_open_failure_is_user_error(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("x\n")
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith("a.txt"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(UserError, match="cannot read .*a.txt: Permission denied"):
+        common.iter_documents([str(tmp_path / "a.txt")])
+
+
+def test_hub_source_streams_the_text_field(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "one"}, {"text": "  "}, {"text": "two"}, {"text": "three"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # skips the connection check
+    stats = {}
+    docs = list(common.iter_documents(None, num_docs=2, hf_dataset="d", hf_config="c", hf_split="s", stats=stats))
+    assert docs == ["one", "two"] and calls == [("d", "c", "s", True)]
+    assert stats["sources"] == ["hf:d/c[s]"]
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+def test_cli_trains_and_writes_one_file(tmp_path, tiny_docs):
+    (tmp_path / "corpus.txt").write_text("\n".join(tiny_docs) + "\n")
+    out = tmp_path / "tok.json"
+    result = run_cli("--text_files", tmp_path / "*.txt", "--vocab_size", 256, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(tiny_docs)} docs" in result.stdout
+    tok = common.load_tokenizer(str(out))
+    assert tok.get_vocab_size() <= 256
+    assert json.loads(out.read_text())["padding"]["pad_id"] == PAD_ID
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tok.json"]  # no temporary left behind
+
+
+def test_cli_bad_inputs(tmp_path):
+    out = tmp_path / "tok.json"
+    assert_user_error(run_cli("--text_files", tmp_path / "missing*", "--out", out), "no files match")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert_user_error(run_cli("--text_files", tmp_path / "empty.txt", "--out", out), "no documents")
+    (tmp_path / "adir").mkdir()
+    assert_user_error(run_cli("--text_files", tmp_path / "adir", "--out", out), "is a directory")
+    assert_user_error(run_cli("--text_files", tmp_path / "empty.txt", "--out", tmp_path / "no" / "tok.json"),
+                      "does not exist")
+    assert not out.exists()
+
+
+def test_cli_without_network_fails_fast_with_the_way_out(tmp_path):
+    with socket.socket() as s:  # a port on this machine that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.time()
+    result = run_cli("--out", tmp_path / "tok.json", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert time.time() - start < 10
+    assert_user_error(result, "cannot reach the Hugging Face Hub", "--text_files")
+    assert not (tmp_path / "tok.json").exists()

@@ -1,0 +1,112 @@
+"""Train a BERT WordPiece tokenizer from scratch and write it as one tokenizer.json.
+
+    python tokenizer.py --text_files 'wiki/AA/wiki_*' --out tokenizer.json
+    python tokenizer.py --out tokenizer.json          # streams English Wikipedia from the Hugging Face Hub
+
+The file fixes the contract every other script relies on: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, BERT
+normalisation and pre-tokenisation, "[CLS] A [SEP] (B [SEP])" with token types 0/1, and a "##" WordPiece decoder.
+"""
+import argparse
+import os
+import time
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+
+import common
+from common import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UserError
+
+
+def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) -> Tokenizer:
+    """An (untrained if vocab is None) BERT WordPiece tokenizer; vocab must hold SPECIAL_TOKENS at ids 0..4."""
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=not cased, lowercase=not cased)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
+    # Stored in the file so that transformers.PreTrainedTokenizerFast(tokenizer_file=...) knows its pad token.
+    # It pads batches to their longest member; data.py switches it off.
+    tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", pad_type_id=0)
+    return tok
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = False, min_frequency: int = 2,
+                    limit_alphabet: int = 1000, batch_docs: int = 1000, show_progress: bool = False) -> Tokenizer:
+    """Train a WordPiece vocabulary on documents (streamed in batches: memory does not grow with their number).
+
+    The vocabulary can come out smaller than vocab_size when the corpus is small.
+    """
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise UserError(f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    tok = build_tokenizer(cased=cased)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS, limit_alphabet=limit_alphabet,
+                                        continuing_subword_prefix="##", show_progress=show_progress)
+    tok.train_from_iterator(_batches(documents, batch_docs), trainer=trainer)
+    for want_id, token in enumerate(SPECIAL_TOKENS):  # the trainer puts them first; the contract depends on it
+        assert tok.token_to_id(token) == want_id, (token, tok.token_to_id(token))
+    return tok
+
+
+def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _with_progress(documents: Iterable[str], stats: dict) -> Iterator[str]:
+    """Show documents and bytes read while the trainer consumes them."""
+    with tqdm(desc="reading", unit="B", unit_scale=True, unit_divisor=1000) as bar:
+        for doc in documents:
+            bar.update(stats["bytes"] - bar.n)
+            bar.set_postfix(docs=stats["docs"], refresh=False)
+            yield doc
+        bar.update(stats["bytes"] - bar.n)
+        bar.set_postfix(docs=stats["docs"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer (default: tokenizer.json)")
+    p.add_argument("--vocab_size", type=int, default=32768,
+                   help="vocabulary size including the 5 special tokens (default: 32768, a multiple of 128 so the "
+                        "embedding and output matrices tile evenly on GPU/TPU matrix units)")
+    p.add_argument("--cased", action="store_true",
+                   help="keep case and accents (default: lowercase and strip accents, like bert-base-uncased)")
+    p.add_argument("--min_frequency", type=int, default=2,
+                   help="a pair must occur this often to be merged into a new token (default: 2)")
+    p.add_argument("--limit_alphabet", type=int, default=1000,
+                   help="keep at most this many distinct characters; rarer ones become [UNK] (default: 1000)")
+    common.add_source_args(p)
+    args = p.parse_args()
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"cannot write {args.out}: folder {out_dir} does not exist")
+    if os.path.isdir(args.out):
+        raise UserError(f"cannot write {args.out}: it is a folder")
+    stats: dict = {}
+    documents = common.require_documents(common.documents_from_args(args, stats), stats)
+    start = time.time()
+    tok = train_tokenizer(_with_progress(documents, stats), args.vocab_size, cased=args.cased,
+                          min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
+    try:
+        common.atomic_write_bytes(args.out, tok.to_str(pretty=True).encode())
+    except OSError as e:
+        raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
+    print(f"wrote {args.out}: vocab {tok.get_vocab_size()} (asked {args.vocab_size}), {stats['docs']} docs, "
+          f"{stats['bytes'] / 1e6:.1f} MB, {stats['replaced_bytes']} undecodable bytes replaced, "
+          f"{time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
