@@ -1,0 +1,411 @@
+"""Tests for train.py on a tiny synthetic corpus: schedules, learning, gradient accumulation, resume, two devices,
+fp16 loss scaling, NaN handling, atomic checkpoints, signals and bad input.
+
+Compiling dominates the run time, so almost every run shares one configuration (run_flags) and a persistent compilation
+cache; the subprocesses (two devices, CLI errors) start at once in the background and are collected later.
+"""
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+
+import common  # noqa: E402
+import data  # noqa: E402
+import model as bert  # noqa: E402
+import tokenizer  # noqa: E402
+import train  # noqa: E402
+from common import UserError  # noqa: E402
+
+PHRASES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
+           "all that glitters is not gold", "the early bird catches the worm", "actions speak louder than words",
+           "every cloud has a silver lining", "fortune favours the bold", "knowledge is power and time is money"]
+SEQ_LEN, STEP_TOKENS = 32, 16 * 32
+
+
+def make_docs(seed: int, n: int) -> list[str]:
+    """Documents of one fixed phrase repeated: the window tells the phrase, the neighbours the masked word."""
+    rng = random.Random(seed)
+    return [" ".join([rng.choice(PHRASES)] * rng.randint(3, 8)) for _ in range(n)]
+
+
+def run_flags(corpus, out_dir, *extra) -> list[str]:
+    """The shared configuration: 1-layer H64 BERT, batch ramp 8 -> 16 (micro 8, so 1 then 2 microbatches), 112+
+    steps, eval and checkpoints on token multiples. Later flags override earlier ones."""
+    return ["--data_dir", corpus["data"], "--tokenizer", corpus["tokenizer"], "--out_dir", str(out_dir),
+            "--model", "tiny", "--num_layers", "1", "--hidden_size", "64", "--num_heads", "2", "--seq_len",
+            str(SEQ_LEN), "--precision", "fp32", "--batch_size", "16", "--batch_size_start", "8",
+            "--micro_batch_size", "8", "--batch_warmup_frac", "0.1", "--max_tokens", "57344", "--lr", "5e-3",
+            "--warmup_frac", "0.1", "--log_every", "20", "--eval_every", "20000", "--eval_windows", "32",
+            "--ckpt_every", "16384", "--keep_ckpts", "3", "--peak_flops", "1e11", *extra]
+
+
+def subprocess_env(cache_dir: str, devices: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fixtures
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A persistent compilation cache for this module's runs (in-process and subprocesses), then the old setting."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (path, 0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield path
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("corpus")
+    paths = {"tokenizer": str(root / "tokenizer.json"), "other_tokenizer": str(root / "other.json"),
+             "data": str(root / "data"), "root": str(root)}
+    docs = make_docs(0, 400)
+    tokenizer.train_tokenizer(docs, 200).save(paths["tokenizer"])
+    tokenizer.train_tokenizer(docs, 150).save(paths["other_tokenizer"])
+    meta = data.prepare(docs, paths["tokenizer"], paths["data"], val_docs=40, progress=False)
+    paths["vocab_size"] = meta["vocab_size"]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def background(corpus, cache_dir, tmp_path_factory):
+    """Subprocesses started together at the beginning: the two-device run and the CLI cases that need one."""
+    tmp = tmp_path_factory.mktemp("background")
+    two_dev = ("import json, sys, train; h = train.main(sys.argv[1:]); "
+               "print(json.dumps(dict(loss=h['loss'], eval=h['eval'], num_devices=h['num_devices'])))")
+    procs = {"two_devices": start(["-c", two_dev, *run_flags(corpus, tmp / "two_dev", "--micro_batch_size", "4")],
+                                  subprocess_env(cache_dir, devices=2))}
+    for name, (extra, _, devices, in_subprocess) in BAD_INPUTS.items():
+        if in_subprocess:
+            extra = [x.format(**corpus) for x in extra]
+            procs[name] = start(["train.py", *run_flags(corpus, tmp / name, *extra)],
+                                subprocess_env(cache_dir, devices))
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def run(corpus, cache_dir, background, tmp_path_factory):
+    """The reference run, uninterrupted, in-process: its history, out_dir and stdout."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        history = train.main(run_flags(corpus, out))
+    return dict(history=history, out=str(out), stdout=buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+def test_one_cycle_lr_schedule_shape():
+    kw = dict(peak=1e-3, max_tokens=10_000, warmup_frac=0.1, final_frac=0.1)
+    tokens = np.arange(0, 10_001, 50)
+    lrs = np.array([train.lr_at(t, **kw) for t in tokens])
+    assert lrs[0] == 0.0 and train.lr_at(10, **kw) == pytest.approx(1e-3 * 10 / 1000)
+    assert np.all(np.diff(lrs[tokens <= 1000]) > 0)  # warmup rises to the peak ...
+    assert train.lr_at(1000, **kw) == pytest.approx(1e-3) and lrs.max() == pytest.approx(1e-3)
+    assert np.all(np.diff(lrs[tokens >= 1000]) < 0)  # ... then decays monotonically ...
+    assert train.lr_at(10_000, **kw) == pytest.approx(1e-4) and train.lr_at(20_000, **kw) == pytest.approx(1e-4)
+    mid = (1e-3 + 1e-4) / 2  # ... to the final value; cos lies above linear in the first half of the decay
+    assert train.lr_at(5500, **kw) == pytest.approx(mid) == train.lr_at(5500, **kw, anneal="linear")
+    assert train.lr_at(3000, **kw) > train.lr_at(3000, **kw, anneal="linear")
+    assert train.lr_at(0, peak=1.0, max_tokens=100, warmup_frac=0.0, final_frac=0.0) == 1.0  # no warmup
+
+
+def test_batch_size_schedule_rounds_and_bounds_recompiles():
+    kw = dict(start=32, end=256, ramp_tokens=100_000, multiple=32)
+    assert train.batch_size_at(0, **kw) == 32 and train.batch_size_at(100_000, **kw) == 256
+    assert train.batch_size_at(50_000, **kw) == 160  # 144 rounds to the nearest multiple of 32
+    assert train.batch_size_at(10**9, **kw) == 256
+    # Simulate a run: batch sizes are multiples of micro x devices, never decrease, and take each of the
+    # 8 possible accumulation counts (so at most 8 compilations) in order.
+    tokens, sizes = 0, []
+    while tokens < 300_000:
+        sizes.append(train.batch_size_at(tokens, **kw))
+        tokens += sizes[-1] * 16
+    counts = [s // 32 for s in sizes]
+    assert all(s % 32 == 0 for s in sizes) and counts == sorted(counts)
+    assert sorted(set(counts)) == list(range(1, 9))
+    assert train.batch_size_at(5, start=64, end=64, ramp_tokens=0, multiple=8) == 64
+    assert train.batch_size_at(50, start=64, end=16, ramp_tokens=100, multiple=16) == 48  # ramping down works too
+
+
+def test_token_counts_and_intervals():
+    assert [train.parse_count(s) for s in ("500k", "10M", "1.5B", "1e6", "1_000", "42")] == \
+        [500_000, 10_000_000, 1_500_000_000, 1_000_000, 1000, 42]
+    with pytest.raises(Exception):
+        train.parse_count("ten")
+    assert train.crossed(90, 110, 100) and not train.crossed(100, 199, 100) and not train.crossed(0, 500, 0)
+
+
+def test_weight_decay_only_on_matrices():
+    params = {"bert/layer_0/attention/query": {"w": np.ones((4, 4)), "b": np.ones(4)},
+              "bert/layer_0/mlp_layer_norm": {"scale": np.ones(4), "offset": np.ones(4)},
+              "bert/embeddings/word": {"embeddings": np.ones((9, 4))}, "mlm_head": {"output_bias": np.ones(9)}}
+    mask = train.decay_mask(params)
+    assert mask["bert/layer_0/attention/query"] == {"w": True, "b": False}
+    assert mask["bert/layer_0/mlp_layer_norm"] == {"scale": False, "offset": False}
+    assert mask["bert/embeddings/word"]["embeddings"] and not mask["mlm_head"]["output_bias"]
+
+
+def test_help_explains_every_flag(capsys):
+    parser = train.build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--help"])
+    assert e.value.code == 0
+    assert "--micro_batch_size" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training runs
+
+def test_loss_falls_and_run_writes_outputs(run, corpus):
+    h, chance = run["history"], math.log(corpus["vocab_size"])
+    assert abs(h["loss"][0] - chance) < 0.5
+    assert np.mean(h["loss"][-10:]) < chance - 1.5
+    tokens = np.cumsum(np.array(h["batch_size"]) * SEQ_LEN)  # tokens seen after each step
+
+    def steps_crossing(every):  # 1-based steps after which tokens passed a multiple of `every`
+        return [i + 1 for i in range(len(tokens)) if tokens[i] // every > (tokens[i - 1] if i else 0) // every]
+
+    assert [e["step"] for e in h["eval"]] == steps_crossing(20000) + [len(tokens)]  # and at the end
+    assert h["eval"][-1]["loss"] < chance - 1.5 and h["eval"][-1]["loss"] < h["eval"][0]["loss"]
+    # The batch ramps 8 -> 16 in multiples of 8 and each accumulation count compiles exactly once.
+    assert h["batch_size"][0] == 8 and h["batch_size"][-1] == 16 and set(h["batch_size"]) == {8, 16}
+    assert h["traces"] == [1, 2]
+    assert "step 20 | tokens" in run["stdout"] and "eval step 46 |" in run["stdout"]
+    assert "mfu" in run["stdout"].splitlines()[-2]
+    # Checkpoints every 16384 tokens and at the end, the last 3 kept; tensorboard events written.
+    saved = steps_crossing(16384)
+    assert len(saved) == 3 and saved[-1] < len(tokens)
+    names = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))
+    assert names == [f"ckpt_{s:08d}" for s in saved[1:] + [len(tokens)]]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run["out"], "tb")))
+    params, state = train.load_checkpoint(run["out"])  # an out_dir means its latest checkpoint
+    assert state["step"] == len(h["loss"]) and state["tokens_seen"] == tokens[-1] >= 57344
+    assert state["config"]["vocab_size"] == corpus["vocab_size"] and state["precision"] == "fp32"
+    assert params["bert/embeddings/word"]["embeddings"].shape == (corpus["vocab_size"], 64)
+    with open(state["tokenizer_path"], "rb") as f, open(corpus["tokenizer"], "rb") as g:
+        assert f.read() == g.read()
+    cfg = bert.BertConfig(**state["config"])  # the checkpoint alone rebuilds the model
+    shapes = jax.eval_shape(bert.mlm_model(cfg).init, jax.random.PRNGKey(0), np.zeros((1, 8), np.int32),
+                            np.zeros((1, 2), np.int32))
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, params)
+
+
+def test_resume_repeats_the_uninterrupted_run(run, corpus, tmp_path):
+    """Resume from a mid-run checkpoint with only --out_dir --resume: the saved flags drive it."""
+    mid = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))[0]
+    k = int(mid[len("ckpt_"):])
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(os.path.join(run["out"], mid), out / mid)
+    resumed = train.main(["--out_dir", str(out), "--resume"])
+    assert resumed["start_step"] == k and 0 < k < len(run["history"]["loss"])
+    np.testing.assert_allclose(resumed["loss"], run["history"]["loss"][k:], rtol=1e-6)
+    assert resumed["eval"][-1]["loss"] == pytest.approx(run["history"]["eval"][-1]["loss"], rel=1e-6)
+    with pytest.raises(UserError, match="not the tokenizer of checkpoint"):
+        train.main(["--out_dir", str(out), "--resume", "--tokenizer", corpus["other_tokenizer"]])
+    with pytest.raises(UserError, match="model differs from checkpoint"):
+        train.main(["--out_dir", str(out), "--resume", "--hidden_size", "128"])
+    with pytest.raises(UserError, match="pass --resume"):
+        train.main(run_flags(corpus, out))
+
+
+def test_two_devices_match_one_device(run, background):
+    rc, out, err = finish(background["two_devices"])
+    assert rc == 0, err[-3000:]
+    two = json.loads(out.strip().splitlines()[-1])
+    assert two["num_devices"] == 2
+    # Same batches, masks and math; only the order of float sums differs (~1e-7 at first). Training amplifies
+    # that chaotically once the model starts using context (~step 60 here), so compare the steps before.
+    assert two["loss"][0] == pytest.approx(run["history"]["loss"][0], rel=1e-6)
+    np.testing.assert_allclose(two["loss"][:40], run["history"]["loss"][:40], rtol=1e-4)
+    assert len(two["loss"]) == len(run["history"]["loss"])
+    assert [e["step"] for e in two["eval"]] == [e["step"] for e in run["history"]["eval"]]
+    assert two["eval"][0]["loss"] == pytest.approx(run["history"]["eval"][0]["loss"], rel=1e-3)
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus, cache_dir, tmp_path):
+    """One step on the same 32 windows with the same params and masks: 4 microbatches of 8 == 1 batch of 32."""
+    results = []
+    for micro in ("8", "32"):
+        history = train.main(run_flags(corpus, tmp_path / micro, "--batch_size", "32", "--batch_size_start", "32",
+                                       "--micro_batch_size", micro, "--max_tokens", str(32 * SEQ_LEN),
+                                       "--eval_windows", "0", "--warmup_frac", "0", "--final_lr_frac", "1"))
+        results.append((history, train.read_arrays(train.latest_checkpoint(str(tmp_path / micro)))))
+    (h2, a2), (h1, a1) = results
+    assert h2["traces"] == [4] and h1["traces"] == [1]
+    assert h2["loss"][0] == pytest.approx(h1["loss"][0], rel=1e-6)
+    assert h2["grad_norm"][0] == pytest.approx(h1["grad_norm"][0], rel=1e-5)
+    assert set(a2) == set(a1)
+    for part in ("/mu/", "/nu/"):  # Adam's moments after one step: 0.1 g and 0.02 g^2 of the (clipped) gradient g
+        x2, x1 = (np.concatenate([a[k].ravel() for k in sorted(a) if part in k]) for a in (a2, a1))
+        assert np.linalg.norm(x2 - x1) <= 1e-5 * np.linalg.norm(x1)
+        np.testing.assert_allclose(x2, x1, rtol=1e-4, atol=1e-5 * np.abs(x1).max())  # ~0 entries: rounding noise
+    for key in a1:  # Adam's first step moves params by lr g / (|g| + eps), lr = 5e-3: noise in g ~ eps shows up
+        if key.startswith("params/"):  # as ~1e-6 differences, a 1e-3 fraction of a step
+            np.testing.assert_allclose(a2[key], a1[key], rtol=1e-5, atol=5e-6, err_msg=key)
+
+
+def test_fp16_skips_non_finite_steps_and_lowers_the_scale(run, tmp_path):
+    """Continue the reference run from a checkpoint in fp16 for two steps (2 microbatches of 8 each)."""
+    mid = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))[0]
+    before = train.read_arrays(os.path.join(run["out"], mid))
+    k, tokens = (train.read_state(os.path.join(run["out"], mid))[f] for f in ("step", "tokens_seen"))
+    flags = ["--resume", "--precision", "fp16", "--max_tokens", str(tokens + 2 * STEP_TOKENS), "--eval_windows", "0",
+             "--ckpt_every", str(STEP_TOKENS)]
+    try:
+        # A scale of 2^100 overflows the fp16 backward pass: both steps are skipped, the scale halves each time.
+        shutil.copytree(os.path.join(run["out"], mid), tmp_path / "huge" / mid)
+        h = train.main(["--out_dir", str(tmp_path / "huge"), *flags, "--loss_scale_init", str(2.0**100)])
+        assert h["skipped_steps"] == 2 and h["loss_scale"] == [2.0**99, 2.0**98]
+        for step in (k + 1, k + 2):
+            after = train.read_arrays(str(tmp_path / "huge" / f"ckpt_{step:08d}"))
+            assert set(after) == set(before)
+            for key in before:  # params and optimiser state did not move
+                np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+        _, state = train.load_checkpoint(str(tmp_path / "huge"))
+        assert state["loss_scale"] == {"value": 2.0**98, "counter": 0} and state["skipped_steps"] == 2
+        # With the default scale the same steps train.
+        shutil.copytree(os.path.join(run["out"], mid), tmp_path / "normal" / mid)
+        h = train.main(["--out_dir", str(tmp_path / "normal"), *flags])
+        assert h["skipped_steps"] == 0 and h["loss_scale"] == [2.0**15] * 2 and np.isfinite(h["loss"]).all()
+        after = train.read_arrays(train.latest_checkpoint(str(tmp_path / "normal")))
+        assert after["opt_state/1/0/count"] == before["opt_state/1/0/count"] + 2
+        assert not np.array_equal(after["params/bert/embeddings/word/embeddings"],
+                                  before["params/bert/embeddings/word/embeddings"])
+    finally:
+        bert.set_precision("fp32")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(run_flags(corpus, out, "--lr", "1e30", "--ckpt_every", "256", "--eval_windows", "0"))
+    assert "not finite at step 2" in str(e.value.code) and "ckpt_00000001" in str(e.value.code)
+    assert sorted(os.listdir(out)) == ["ckpt_00000001", "tb"]
+    params, state = train.load_checkpoint(str(out))
+    assert state["step"] == 1 and all(np.isfinite(x).all() for m in params.values() for x in m.values())
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    state = lambda step: dict(step=step, tokens_seen=10 * step)  # noqa: E731
+    arrays = {"params/bert/dense/w": np.ones((2, 3), np.float32), "opt_state/0/count": np.array(1)}
+    train.save_checkpoint(out, state(1), arrays, b"tok", keep=2)
+    os.makedirs(os.path.join(out, train.TMP_PREFIX + "00000005.999"))  # a write whose process was killed
+
+    def dies_half_way(path, arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train, "write_arrays", dies_half_way)
+    with pytest.raises(OSError):
+        train.save_checkpoint(out, state(2), {k: v + 1 for k, v in arrays.items()}, b"tok", keep=2)
+    assert train.latest_checkpoint(out) == os.path.join(out, "ckpt_00000001")
+    params, loaded = train.load_checkpoint(out)
+    assert loaded["step"] == 1 and params == {"bert/dense": {"w": params["bert/dense"]["w"]}}
+    np.testing.assert_array_equal(params["bert/dense"]["w"], np.ones((2, 3)))
+    monkeypatch.undo()
+    for step in (3, 4, 5):
+        train.save_checkpoint(out, state(step), arrays, b"tok", keep=2)
+    assert sorted(os.listdir(out)) == ["ckpt_00000004", "ckpt_00000005"]  # old ones and leftovers gone
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train.load_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_sigterm_writes_a_checkpoint(run, corpus, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = start(["-u", "train.py", *run_flags(corpus, out, "--max_tokens", "1B", "--log_every", "1",
+                                               "--ckpt_every", "0", "--eval_every", "0")],
+                 subprocess_env(cache_dir))
+    watchdog = threading.Timer(240, proc.kill)  # never hang the suite
+    watchdog.start()
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3 |"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rc, _, err = finish(proc, timeout=120)
+    watchdog.cancel()
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    params, state = train.load_checkpoint(str(out))
+    assert state["step"] >= 3 and state["tokens_seen"] > 0
+    assert all(np.isfinite(x).all() for m in params.values() for x in m.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input through the CLI entry (common.run_main(main)): one line on stderr, exit code 2, no traceback.
+# In-process, except where the case needs two devices, plus one case as a real `python train.py` subprocess.
+
+BAD_INPUTS = {  # name: (extra flags with {corpus} fields, expected message, devices, in a subprocess)
+    "other_tokenizer": (["--tokenizer", "{other_tokenizer}"], "different tokenizer", 1, True),
+    "missing_data": (["--data_dir", "{root}/no_such_folder"], "data folder not found", 1, False),
+    "heads_do_not_divide_hidden": (["--hidden_size", "100", "--num_heads", "3"], "does not divide", 1, False),
+    "micro_batch_does_not_divide_batch": (["--micro_batch_size", "6"], "--micro_batch_size 6", 1, False),
+    "batch_does_not_divide_devices": (["--batch_size", "15", "--batch_size_start", "15", "--micro_batch_size", "1"],
+                                      "among 2 devices", 2, True),
+    "seq_len_above_max_position": (["--seq_len", "600"], "max_position", 1, False),
+    "max_tokens_too_small": (["--max_tokens", "100"], "less than one batch", 1, False),
+    "resume_without_checkpoint": (["--resume"], "no complete checkpoint", 1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(case, corpus, background, tmp_path, capsys):
+    extra, expected, devices, in_subprocess = BAD_INPUTS[case]
+    if in_subprocess:
+        rc, _, err = finish(background[case])
+    else:
+        with pytest.raises(SystemExit) as e:
+            common.run_main(lambda: train.main(run_flags(corpus, tmp_path, *[x.format(**corpus) for x in extra])))
+        rc, err = e.value.code, capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and expected in lines[0] and "Traceback" not in err
