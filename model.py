@@ -155,6 +155,15 @@ def _softmax_attention(q, k, v, mask, dropout_rate: float):
     return jnp.einsum("bnts,bsnd->btnd", probs, v)  # [B, T, N, D]
 
 
+def _attention_implementation(dtype, mask):
+    """cuDNN's fused kernel on GPUs that have it (bf16/fp16, no mask); otherwise None, which in this jax means
+    XLA's version (CPU, fp32, padding masks)."""
+    if jax.default_backend() != "gpu" or mask is not None or dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    return "cudnn" if float(capability) >= 8.0 else None
+
+
 def _attention(cfg: BertConfig, x, mask, is_training):
     """Multi-head self-attention; mask [B, 1, 1, T] bool (True = attend) or None."""
     B, T, H = x.shape
@@ -169,7 +178,8 @@ def _attention(cfg: BertConfig, x, mask, is_training):
         if dropout_rate > 0 or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
             out = _softmax_attention(q, k, v, mask, dropout_rate)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)  # softmax in float32 inside
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,  # softmax in float32 inside
+                                               implementation=_attention_implementation(q.dtype, mask))
         return _dense(H, "output")(out.reshape(B, T, H))
 
 
