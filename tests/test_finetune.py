@@ -305,7 +305,8 @@ def test_schedule_warmup_then_linear_decay():
 # Checkpoints: the encoder comes from the checkpoint, the head is new
 
 def save_ckpt(out_dir, tok_path, vocab_size, with_tokenizer=True):
-    cfg = model.make_config("tiny", vocab_size, hidden_size=32, num_heads=2, intermediate_size=64, max_position=64)
+    cfg = model.make_config("tiny", vocab_size, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                            max_position=64)
     tokens = jnp.zeros((1, 4), jnp.int32)
     params = jax.jit(model.mlm_model(cfg).init)(jax.random.PRNGKey(7), tokens, jnp.zeros((1, 1), jnp.int32))
     state = {"step": 5, "tokens_seen": 640, "config": dataclasses.asdict(cfg), "precision": "fp32"}
@@ -328,8 +329,8 @@ def test_init_from_checkpoint_keeps_encoder_and_adds_head(tmp_path, tok_path):
         for name, value in leaves.items():
             if f"{module}/{name}" not in fresh:
                 np.testing.assert_array_equal(value, ckpt_params[module][name])
-    del init.pretrained["bert/layer_1/mlp/output"]
-    with pytest.raises(UserError, match="lacks encoder parameter bert/layer_1/mlp/output"):
+    del init.pretrained["bert/layer_0/mlp/output"]
+    with pytest.raises(UserError, match="lacks encoder parameter bert/layer_0/mlp/output"):
         ft.init_params(init.cfg, 2, init.pretrained, jax.random.PRNGKey(0))
 
 

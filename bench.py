@@ -1,0 +1,273 @@
+"""Training-step throughput and MFU of model.py, next to Hugging Face transformers' BertForMaskedLM.
+
+A step is what train.py runs: masking, forward, backward and an AdamW update, in one jitted function that
+donates its buffers. MFU = flops_per_token * tokens/s / peak, where peak is a square matmul timed in this
+same run (fp32 on CPU; in the compute dtype for bf16/fp16). Tokens are synthetic: speed does not depend on
+them. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
+    pip install torch==2.13.0 transformers   (the CPU build)
+
+    python bench.py --model mini                       # ours vs transformers (dropout 0.1 and 0.0)
+    python bench.py --model small --sweep              # plus microbatch sizes and accumulation steps
+    python bench.py --model base --precision bf16      # on a GPU: MFU against the measured bf16 peak
+"""
+import argparse
+import ctypes
+import ctypes.util
+import sys
+import time
+from typing import Callable
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS.
+
+    XLA:CPU allocates each step's temporaries (~0.85 GB for mini at batch 32) afresh; by default glibc hands
+    such large blocks back to the OS on free, so every step page-faults them in again (~20% of a step in
+    kernel time here). One arena, no mmap and no trimming make the heap reuse them. Must run before JAX (or
+    torch) starts threads. Returns False where mallopt is unavailable (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+    return all(mallopt(param, value) == 1
+               for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+
+
+MALLOC_TUNED = "--no-malloc_tuning" not in sys.argv and keep_freed_memory()  # before JAX is imported
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import tqdm  # noqa: E402
+
+import common  # noqa: E402
+import model  # noqa: E402
+
+
+def matmul_timer(size: int, dtype, repeats: int = 5) -> Callable[[int], float]:
+    """A runner for the peak: mean seconds of `repeats` back-to-back jax.jit(a @ b) on [size, size] matrices
+    (a mean, like a step's time, so that a busy machine weighs on both alike)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+
+    def run(_steps: int) -> float:
+        matmul(a, b).block_until_ready()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            c = matmul(a, b)
+        c.block_until_ready()
+        return (time.perf_counter() - start) / repeats
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Our training step
+
+def make_train_step(cfg: model.BertConfig, mask_rate: float, accum_steps: int, learning_rate: float = 1e-4):
+    """Returns (init(key, tokens) -> (params, opt_state), step(params, opt_state, tokens, key) -> (..., loss))."""
+    forward = model.mlm_model(cfg)
+    optimizer = optax.adamw(learning_rate, weight_decay=0.01)
+
+    def loss_fn(params, tokens, key):
+        inputs, positions, targets, weights = model.mask_tokens(key, tokens, mask_rate, cfg.vocab_size)
+        logits = forward.apply(params, None, inputs, positions)  # [B, M, V]
+        return model.mlm_loss(logits, targets, weights)[0]
+
+    def step(params, opt_state, tokens, key):
+        if accum_steps == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(params, tokens, key)
+        else:
+            micro = tokens.reshape(accum_steps, -1, tokens.shape[-1])  # [A, B/A, T]
+            keys = jax.random.split(key, accum_steps)
+
+            def accumulate(grads, batch):
+                loss, g = jax.value_and_grad(loss_fn)(params, *batch)
+                return jax.tree.map(jnp.add, grads, g), loss
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, losses = jax.lax.scan(accumulate, zeros, (micro, keys))
+            grads = jax.tree.map(lambda g: g / accum_steps, grads)
+            loss = losses.mean()
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def init(key, tokens):
+        positions = jnp.zeros((tokens.shape[0], model.num_masked(tokens.shape[1], mask_rate)), jnp.int32)
+        params = jax.jit(forward.init)(key, tokens, positions)
+        return params, optimizer.init(params)
+
+    return init, jax.jit(step, donate_argnums=(0, 1))
+
+
+class OurRunner:
+    """Holds params and optimizer state between timing rounds; run(n) takes n steps and returns seconds."""
+
+    def __init__(self, cfg, batch_size, seq_len, mask_rate, accum_steps=1):
+        init, self.step = make_train_step(cfg, mask_rate, accum_steps)
+        rng = np.random.default_rng(0)
+        self.tokens = jnp.asarray(rng.integers(model.NUM_SPECIAL, cfg.vocab_size, (batch_size, seq_len)), jnp.int32)
+        self.params, self.opt_state = init(jax.random.PRNGKey(0), self.tokens)
+        self.key = jax.random.PRNGKey(1)
+        self.run(1)  # compile
+
+    def run(self, steps: int) -> float:
+        """Take `steps` training steps; returns the seconds they took."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.key, key = jax.random.split(self.key)
+            self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.tokens, key)
+        loss.block_until_ready()
+        return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers' BertForMaskedLM (PyTorch, CPU)
+
+class HFRunner:
+    def __init__(self, cfg, batch_size, seq_len, mask_rate, dropout):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise common.UserError("the comparison needs the benchmark extras: "
+                                   "pip install torch==2.13.0 transformers (or pass --no-hf)") from None
+        torch.manual_seed(0)
+        hf_config = transformers.BertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position, hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout)
+        self.model = transformers.BertForMaskedLM(hf_config).train()
+        self.attention = self.model.config._attn_implementation
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+        # The same masking as ours (done outside the timed step: it is cheap either way).
+        key = jax.random.PRNGKey(1)
+        tokens = np.random.default_rng(0).integers(model.NUM_SPECIAL, cfg.vocab_size, (batch_size, seq_len))
+        inputs, positions, targets, _ = model.mask_tokens(key, jnp.asarray(tokens, jnp.int32), mask_rate, cfg.vocab_size)
+        labels = np.full(tokens.shape, -100)
+        np.put_along_axis(labels, np.asarray(positions), np.asarray(targets), axis=1)
+        self.inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.long)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.run(1)  # warm up
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.model(input_ids=self.inputs, labels=self.labels).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def interleaved(runners: dict[str, Callable[[int], float]], steps: int, rounds: int) -> dict[str, np.ndarray]:
+    """Seconds per step of each runner in each of `rounds` rounds that take turns, so that background load
+    on a shared machine hits all of them alike: compare runners within a round, then take medians."""
+    times = {name: [] for name in runners}
+    for _ in tqdm.trange(rounds, desc="timing rounds", leave=False):
+        for name, run in runners.items():
+            times[name].append(run(steps) / steps)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mini", choices=list(model.PRESETS), help="model size preset")
+    parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS), help="compute dtype")
+    parser.add_argument("--batch_size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--vocab_size", type=int, default=30522, help="vocabulary size (both sides)")
+    parser.add_argument("--mask_rate", type=float, default=0.15, help="fraction of positions to predict")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timing round")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (the median is reported)")
+    parser.add_argument("--peak_size", type=int, default=2048, help="matrix size of the peak matmul")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="also report MFU against this datasheet peak (TFLOP/s), e.g. for a GPU")
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
+                        help="compare with transformers BertForMaskedLM (default: on when JAX runs on CPU)")
+    parser.add_argument("--hf_dropout", default="0.1,0.0", help="comma-separated dropout rates for transformers")
+    parser.add_argument("--malloc_tuning", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep freed memory in the process (glibc mallopt) so that steps do not page-fault "
+                             "their temporaries afresh; applies to both sides of the comparison")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time microbatch sizes 8..64 and 1/2/4 accumulation steps (ours only)")
+    args = parser.parse_args()
+    for name in ("batch_size", "seq_len", "steps", "rounds", "peak_size"):
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name} must be positive")
+    try:
+        hf_dropouts = [float(d) for d in args.hf_dropout.split(",") if d.strip()]
+    except ValueError:
+        raise common.UserError(f"--hf_dropout must be comma-separated numbers, got {args.hf_dropout!r}") from None
+    compare_hf = (args.hf if args.hf is not None else jax.default_backend() == "cpu") and bool(hf_dropouts)
+
+    model.set_precision(args.precision)
+    cfg = model.make_config(args.model, args.vocab_size)
+    B, T = args.batch_size, args.seq_len
+    flops = model.flops_per_token(cfg, T, args.mask_rate)
+    peak_dtype = jnp.dtype(model.PRECISIONS[args.precision])
+    peak_flop = 2 * args.peak_size**3
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"model: {args.model} L{cfg.num_layers}/H{cfg.hidden_size}/heads{cfg.num_heads}/I{cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}, seq {T}, batch {B}, mask rate {args.mask_rate}, precision {args.precision}")
+    print(f"model FLOPs per token: {flops / 1e6:.1f} M (flops_per_token)")
+    print(f"malloc tuning (keep freed memory): {'on' if MALLOC_TUNED else 'off'}")
+
+    runners = {"peak": matmul_timer(args.peak_size, peak_dtype), "ours": OurRunner(cfg, B, T, args.mask_rate).run}
+    if compare_hf:
+        import torch
+        print(f"transformers: torch {torch.__version__} with {torch.get_num_threads()} threads")
+        for dropout in hf_dropouts:
+            hf = HFRunner(cfg, B, T, args.mask_rate, dropout)
+            runners[f"transformers dropout {dropout}"] = hf.run
+        print(f"transformers attention implementation: {hf.attention}")
+    times = interleaved(runners, args.steps, args.rounds)
+    peaks = peak_flop / times.pop("peak")  # FLOP/s in each round
+    print(f"peak: jit(a @ b), {args.peak_size}x{args.peak_size} {peak_dtype.name}: median {np.median(peaks) / 1e9:.1f} "
+          f"GFLOP/s (rounds: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
+
+    print(f"\n| {'run':<26} | {'tokens/s':>9} | {'MFU':>5} | {'ours / this':>11} |")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 7}|{'-' * 13}|")
+    for name, t in times.items():
+        rate = B * T / np.median(t)
+        mfu = np.median(flops * B * T / t / peaks)  # per round, against that round's peak
+        ratio = np.median(t / times["ours"])
+        print(f"| {name:<26} | {rate:9.0f} | {mfu:5.2f} | {ratio:10.2f}x |")
+    print("(medians over rounds; MFU counts our model FLOPs for every row, though transformers also decodes "
+          "the unmasked positions)")
+    if args.peak_tflops:
+        ours = B * T / np.median(times["ours"])
+        print(f"MFU against the datasheet peak {args.peak_tflops} TFLOP/s: {flops * ours / (args.peak_tflops * 1e12):.3f}")
+
+    if args.sweep:
+        print(f"\nmicrobatch size (ours, seq {T}, {args.steps * B * T} tokens per round):")
+        sizes = (8, 16, 32, 64)
+        sweep = {b: OurRunner(cfg, b, T, args.mask_rate) for b in sizes}
+        sweep_runners = {b: (lambda r, n: lambda steps: r.run(n * steps) / n)(sweep[b], max(1, B // b))
+                         for b in sizes}
+        sweep_times = interleaved(sweep_runners, args.steps, args.rounds)
+        print(f"| {'batch':>5} | {'tokens/s':>9} | {'MFU':>5} |")
+        print(f"|{'-' * 7}|{'-' * 11}|{'-' * 7}|")
+        for b, t in sweep_times.items():
+            rate = b * T / np.median(t)
+            print(f"| {b:>5} | {rate:9.0f} | {flops * rate / np.median(peaks):5.2f} |")
+
+        print(f"\ngradient accumulation (ours, total batch {B}, lax.scan inside the one jitted step):")
+        accum = {a: OurRunner(cfg, B, T, args.mask_rate, accum_steps=a).run for a in (1, 2, 4) if B % a == 0}
+        accum_times = interleaved(accum, args.steps, args.rounds)
+        print(f"| {'steps':>5} | {'microbatch':>10} | {'tokens/s':>9} | {'vs 1 step':>9} |")
+        print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 11}|")
+        for a, t in accum_times.items():
+            print(f"| {a:>5} | {B // a:>10} | {B * T / np.median(t):9.0f} | {np.median(accum_times[1] / t):9.2f} |")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,163 @@
+"""Benchmark (not a test): wall time of one SST-2 finetuning epoch, finetune.py (JAX) against Hugging Face
+transformers (PyTorch BertForSequenceClassification in a plain training loop), side by side in one run.
+
+    python bench_finetune.py --tokenizer tokenizer.json --glue_dir /path/to/glue           # the full epoch
+    python bench_finetune.py --tokenizer tokenizer.json --glue_dir ... --max_examples 4000  # a fixed prefix
+
+Both sides train the same model shape (mini: 4 layers, hidden 256, 4 heads, MLP 1024, random init), in fp32, on
+the same token ids (the tokenizer and pair encoding of finetune.py), batch 32, max length 128, AdamW with warmup
+and linear decay, gradient clipping at 1.0 and the same dropout. finetune.py runs its own epoch code: batches
+bucketed by length, padded to a multiple of --pad_multiple. The baseline gets dynamic padding (each random batch
+padded to its longest member, as transformers' DataCollatorWithPadding does), which is the fair, usual setup.
+The two sides alternate in segments of --segment steps so that load from other processes hits both alike.
+The JAX time includes compiling the step for each batch length on its first use, as in finetune.py (reported).
+
+Extras needed only here: pip install torch transformers
+"""
+import argparse
+import os
+import time
+
+import jax
+import jmp
+import numpy as np
+
+import common
+import finetune as ft
+import model as bert
+
+
+def hf_model(cfg, num_labels: int, dropout: float, seed: int):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                                     intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position,
+                                     type_vocab_size=cfg.type_vocab_size, hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=dropout, num_labels=num_labels)
+    return transformers.BertForSequenceClassification(hf_cfg)
+
+
+def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, order: np.ndarray, args, total_steps: int):
+    """A generator: each next() trains one batch (random order, padded to its longest row); yields real/padded."""
+    import torch
+    import transformers
+
+    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, eps=1e-6)
+    sched = transformers.get_linear_schedule_with_warmup(opt, round(args.warmup * total_steps), total_steps)
+    net.train()
+    for start in range(0, len(order), args.batch_size):
+        idx = order[start:start + args.batch_size]
+        T = int(enc.lengths[idx].max())  # dynamic padding: to the longest row of this batch
+        ids = torch.from_numpy(enc.ids[idx, :T].astype(np.int64))
+        types = torch.from_numpy(enc.types[idx, :T].astype(np.int64))
+        mask = torch.from_numpy((np.arange(T)[None] < enc.lengths[idx][:, None]).astype(np.int64))
+        out = net(input_ids=ids, token_type_ids=types, attention_mask=mask,
+                  labels=torch.from_numpy(labels[idx].astype(np.int64)))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        yield float(out.loss.detach()), int(enc.lengths[idx].sum()), len(idx) * T
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (e.g. python tokenizer.py --vocab_size 30522)")
+    p.add_argument("--glue_dir", required=True, help="GLUE folder holding SST-2/train.tsv")
+    p.add_argument("--max_examples", type=int, default=0, help="use the first N training rows (default: 0 = all)")
+    p.add_argument("--model", default="mini", choices=list(bert.PRESETS), help="model preset (default: mini)")
+    p.add_argument("--batch_size", type=int, default=32, help="batch size (default: 32)")
+    p.add_argument("--max_len", type=int, default=128, help="max tokens per example (default: 128)")
+    p.add_argument("--pad_multiple", type=int, default=8, help="finetune.py's --pad_multiple (default: 8)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout on both sides (default: 0.1)")
+    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
+    p.add_argument("--segment", type=int, default=100, help="steps per alternating segment (default: 100)")
+    p.add_argument("--skip_hf", action="store_true", help="time finetune.py only")
+    args = p.parse_args()
+    args.warmup, args.weight_decay, args.log_every = 0.1, 0.01, 10 ** 9
+
+    import torch
+
+    tok = ft.prepare_tokenizer(common.load_tokenizer(args.tokenizer), args.max_len)
+    task = ft.TASKS["sst2"]
+    examples = ft.read_glue_file(task, os.path.join(args.glue_dir, task.train.file), True)
+    if args.max_examples:
+        examples = examples.head(args.max_examples)
+    enc, labels = ft.encode(tok, examples, args.max_len), examples.labels
+    n = len(labels)
+    steps = -(-n // args.batch_size)
+
+    # finetune.py: its train step, batches and epoch loop
+    bert.set_precision("fp32")
+    cfg = bert.make_config(args.model, tok.get_vocab_size(), dropout=args.dropout)
+    net = bert.classifier_model(cfg, task.num_labels)
+    schedule = ft.lr_schedule(args.lr, steps, round(args.warmup * steps))
+    optimizer = ft.make_optimizer(schedule, args.weight_decay)
+    step_fn = ft.make_train_step(net, optimizer, regression=False)
+    params, _ = ft.init_params(cfg, task.num_labels, None, jax.random.PRNGKey(0))
+    state = (params, optimizer.init(params), jmp.NoOpLossScale())
+    batches = ft.make_batches(enc.lengths, args.batch_size, np.random.default_rng(0))
+    key = jax.random.PRNGKey(1)
+
+    jax_real = int(enc.lengths.sum())
+    jax_padded = sum(args.batch_size * ft.padded_length(enc.lengths[b].max(), args.pad_multiple, args.max_len)
+                     for b in batches)
+    compiled, compile_time = set(), [0.0]
+
+    def timed_step(*a):
+        """finetune.py's step; the first call per batch length compiles it (timed, to report compile time)."""
+        T = a[3].shape[1]
+        if T in compiled:
+            return step_fn(*a)
+        compiled.add(T)
+        start = time.perf_counter()
+        out = jax.block_until_ready(step_fn(*a))
+        compile_time[0] += time.perf_counter() - start
+        return out
+
+    hf = None
+    if not args.skip_hf:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        hf = hf_trainer(hf_model(cfg, task.num_labels, args.dropout, 0), enc, labels,
+                        np.random.default_rng(0).permutation(n), args, steps)
+    jax_time = hf_time = 0.0
+    jax_losses, hf_losses, hf_real, hf_padded, step = [], [], 0, 0, 0
+    print(f"{n} examples, {steps} steps of {args.batch_size}; {args.model} {cfg.num_layers}L/{cfg.hidden_size}H, "
+          f"vocab {cfg.vocab_size}; JAX {jax.default_backend()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); segments of {args.segment} steps", flush=True)
+    for seg in range(0, steps, args.segment):
+        start = time.perf_counter()
+        state, step, loss = ft.train_epoch(timed_step, state, enc, labels, batches[seg:seg + args.segment], args, key,
+                                           step, desc="finetune.py")
+        jax.block_until_ready(state)
+        jax_time += time.perf_counter() - start
+        jax_losses.append(loss)
+        if hf is not None:
+            start = time.perf_counter()
+            for _, (loss, real, padded) in zip(range(args.segment), hf):
+                hf_losses.append(loss)
+                hf_real, hf_padded = hf_real + real, hf_padded + padded
+            hf_time += time.perf_counter() - start
+        hf_note = f", transformers {hf_time:.1f} s" if hf else ""
+        print(f"  step {step}/{steps}: finetune.py {jax_time:.1f} s{hf_note}", flush=True)
+
+    print(f"\nfinetune.py (JAX): {jax_time:.1f} s, of which about {compile_time[0]:.1f} s compiling "
+          f"{len(compiled)} batch shapes; {n / jax_time:.0f} examples/s; padding efficiency "
+          f"{jax_real / jax_padded:.2f}; mean loss first/last segment {jax_losses[0]:.3f}/{jax_losses[-1]:.3f}")
+    if hf is not None:
+        seg_loss = [np.mean(hf_losses[i:i + args.segment]) for i in range(0, len(hf_losses), args.segment)]
+        print(f"transformers (PyTorch, dynamic padding): {hf_time:.1f} s; {n / hf_time:.0f} examples/s; padding "
+              f"efficiency {hf_real / hf_padded:.2f}; mean loss first/last segment {seg_loss[0]:.3f}/{seg_loss[-1]:.3f}")
+        print(f"speedup: {hf_time / jax_time:.2f}x (epoch wall time, JAX compilation included), "
+              f"{hf_time / (jax_time - compile_time[0]):.2f}x (compilation excluded)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
