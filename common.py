@@ -54,6 +54,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def fsync_dir(path: str) -> None:
+    """Make renames inside a folder durable: fsync the folder itself."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

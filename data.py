@@ -88,7 +88,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
         raise UserError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
     if os.path.exists(meta_path):  # overwrite: the folder must stop counting as complete before any .bin changes
         os.remove(meta_path)
-        _fsync_dir(out_dir)
+        common.fsync_dir(out_dir)
     for name in os.listdir(out_dir):  # left by a killed run
         if re.fullmatch(r"(train|val)\.bin\.tmp\.\d+", name):
             os.remove(os.path.join(out_dir, name))
@@ -150,9 +150,9 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
         "stats": {"text_bytes": text_bytes, "seconds": round(seconds, 3),
                   "replaced_bytes": (source_stats or {}).get("replaced_bytes", 0)},
     }
-    _fsync_dir(out_dir)
+    common.fsync_dir(out_dir)
     common.atomic_write_json(meta_path, meta)
-    _fsync_dir(out_dir)
+    common.fsync_dir(out_dir)
     return meta
 
 
@@ -229,14 +229,6 @@ def _check_writable_folder(out_dir: str) -> None:
         raise UserError(f"cannot use {out_dir} as output folder: {path} is a file")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to output folder {out_dir}: {path} is not writable")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: str) -> dict:

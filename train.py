@@ -440,9 +440,9 @@ def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], to
         write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
         common.atomic_write_json(os.path.join(tmp, "state.json"), state)
-        fsync_dir(tmp)
+        common.fsync_dir(tmp)
         os.rename(tmp, final)
-        fsync_dir(out_dir)
+        common.fsync_dir(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -460,14 +460,6 @@ def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
