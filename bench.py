@@ -47,21 +47,20 @@ import common  # noqa: E402
 import model  # noqa: E402
 
 
-def matmul_timer(size: int, dtype, repeats: int = 5) -> Callable[[int], float]:
-    """A runner for the peak: mean seconds of `repeats` back-to-back jax.jit(a @ b) on [size, size] matrices
-    (a mean, like a step's time, so that a busy machine weighs on both alike)."""
+def matmul_timer(size: int, dtype, repeats: int) -> Callable[[int], float]:
+    """A runner for the peak: each of its steps is `repeats` back-to-back jax.jit(a @ b) on [size, size]
+    matrices (timed in bulk, like training steps, so that a busy machine weighs on both alike)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
     matmul = jax.jit(lambda a, b: a @ b)
     matmul(a, b).block_until_ready()
 
-    def run(_steps: int) -> float:
-        matmul(a, b).block_until_ready()
+    def run(steps: int) -> float:
         start = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(steps * repeats):
             c = matmul(a, b)
         c.block_until_ready()
-        return (time.perf_counter() - start) / repeats
+        return time.perf_counter() - start
 
     return run
 
@@ -149,7 +148,8 @@ class HFRunner:
         # The same masking as ours (done outside the timed step: it is cheap either way).
         key = jax.random.PRNGKey(1)
         tokens = np.random.default_rng(0).integers(model.NUM_SPECIAL, cfg.vocab_size, (batch_size, seq_len))
-        inputs, positions, targets, _ = model.mask_tokens(key, jnp.asarray(tokens, jnp.int32), mask_rate, cfg.vocab_size)
+        inputs, positions, targets, _ = model.mask_tokens(key, jnp.asarray(tokens, jnp.int32), mask_rate,
+                                                          cfg.vocab_size)
         labels = np.full(tokens.shape, -100)
         np.put_along_axis(labels, np.asarray(positions), np.asarray(targets), axis=1)
         self.inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.long)
@@ -168,18 +168,24 @@ class HFRunner:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def interleaved(runners: dict[str, Callable[[int], float]], steps: int, rounds: int) -> dict[str, np.ndarray]:
+def interleaved(runners: dict[str, Callable[[int], float]], steps: int, rounds: int,
+                cpu_times: dict | None = None) -> dict[str, np.ndarray]:
     """Seconds per step of each runner in each of `rounds` rounds that take turns, so that background load
-    on a shared machine hits all of them alike: compare runners within a round, then take medians."""
+    on a shared machine hits all of them alike: compare runners within a round, then take medians.
+    If cpu_times is given, it receives the process CPU seconds per step likewise."""
     times = {name: [] for name in runners}
     for _ in tqdm.trange(rounds, desc="timing rounds", leave=False):
         for name, run in runners.items():
+            cpu_start = time.process_time()
             times[name].append(run(steps) / steps)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append((time.process_time() - cpu_start) / steps)
     return {name: np.array(t) for name, t in times.items()}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --no-malloc_tuning is read before parsing
     parser.add_argument("--model", default="mini", choices=list(model.PRESETS), help="model size preset")
     parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS), help="compute dtype")
     parser.add_argument("--batch_size", type=int, default=32, help="sequences per step")
@@ -214,14 +220,16 @@ def main():
     B, T = args.batch_size, args.seq_len
     flops = model.flops_per_token(cfg, T, args.mask_rate)
     peak_dtype = jnp.dtype(model.PRECISIONS[args.precision])
-    peak_flop = 2 * args.peak_size**3
+    peak_repeats = 5
+    peak_flop = 2 * args.peak_size**3 * peak_repeats  # per step of the peak runner
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"model: {args.model} L{cfg.num_layers}/H{cfg.hidden_size}/heads{cfg.num_heads}/I{cfg.intermediate_size}, "
           f"vocab {cfg.vocab_size}, seq {T}, batch {B}, mask rate {args.mask_rate}, precision {args.precision}")
     print(f"model FLOPs per token: {flops / 1e6:.1f} M (flops_per_token)")
     print(f"malloc tuning (keep freed memory): {'on' if MALLOC_TUNED else 'off'}")
 
-    runners = {"peak": matmul_timer(args.peak_size, peak_dtype), "ours": OurRunner(cfg, B, T, args.mask_rate).run}
+    peak_runner = matmul_timer(args.peak_size, peak_dtype, peak_repeats)
+    runners = {"peak": peak_runner, "ours": OurRunner(cfg, B, T, args.mask_rate).run}
     if compare_hf:
         import torch
         print(f"transformers: torch {torch.__version__} with {torch.get_num_threads()} threads")
@@ -229,7 +237,8 @@ def main():
             hf = HFRunner(cfg, B, T, args.mask_rate, dropout)
             runners[f"transformers dropout {dropout}"] = hf.run
         print(f"transformers attention implementation: {hf.attention}")
-    times = interleaved(runners, args.steps, args.rounds)
+    cpu = {}
+    times = interleaved(runners, args.steps, args.rounds, cpu)
     peaks = peak_flop / times.pop("peak")  # FLOP/s in each round
     print(f"peak: jit(a @ b), {args.peak_size}x{args.peak_size} {peak_dtype.name}: median {np.median(peaks) / 1e9:.1f} "
           f"GFLOP/s (rounds: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
@@ -243,22 +252,31 @@ def main():
         print(f"| {name:<26} | {rate:9.0f} | {mfu:5.2f} | {ratio:10.2f}x |")
     print("(medians over rounds; MFU counts our model FLOPs for every row, though transformers also decodes "
           "the unmasked positions)")
+    # The same ratio in process CPU time: a busy machine that takes cores away from us slows a long chain of
+    # small parallel ops (the step) more than one big matmul; CPU time does not count the time taken away.
+    cpu_mfu = np.median((flops * B * T / np.array(cpu["ours"])) / (peak_flop / np.array(cpu["peak"])))
+    print(f"MFU of ours in CPU time (FLOPs per CPU-second, step vs peak matmul): {cpu_mfu:.2f}; "
+          f"CPU-seconds per wall-second: step {np.median(np.array(cpu['ours']) / times['ours']):.2f}, "
+          f"peak matmul {np.median(np.array(cpu['peak']) * peaks / peak_flop):.2f}")
     if args.peak_tflops:
         ours = B * T / np.median(times["ours"])
-        print(f"MFU against the datasheet peak {args.peak_tflops} TFLOP/s: {flops * ours / (args.peak_tflops * 1e12):.3f}")
+        print(f"MFU against the datasheet peak {args.peak_tflops} TFLOP/s: "
+              f"{flops * ours / (args.peak_tflops * 1e12):.3f}")
 
     if args.sweep:
-        print(f"\nmicrobatch size (ours, seq {T}, {args.steps * B * T} tokens per round):")
+        print(f"\nmicrobatch size (ours, seq {T}, about {args.steps * B * T} tokens per round):")
         sizes = (8, 16, 32, 64)
         sweep = {b: OurRunner(cfg, b, T, args.mask_rate) for b in sizes}
+        # Every size runs about the same number of tokens per round (sizes below the batch take more steps).
         sweep_runners = {b: (lambda r, n: lambda steps: r.run(n * steps) / n)(sweep[b], max(1, B // b))
                          for b in sizes}
-        sweep_times = interleaved(sweep_runners, args.steps, args.rounds)
+        sweep_times = interleaved({"peak": peak_runner, **sweep_runners}, args.steps, args.rounds)
+        sweep_peaks = peak_flop / sweep_times.pop("peak")
         print(f"| {'batch':>5} | {'tokens/s':>9} | {'MFU':>5} |")
         print(f"|{'-' * 7}|{'-' * 11}|{'-' * 7}|")
         for b, t in sweep_times.items():
-            rate = b * T / np.median(t)
-            print(f"| {b:>5} | {rate:9.0f} | {flops * rate / np.median(peaks):5.2f} |")
+            mfu = np.median(flops * b * T / t / sweep_peaks)
+            print(f"| {b:>5} | {b * T / np.median(t):9.0f} | {mfu:5.2f} |")
 
         print(f"\ngradient accumulation (ours, total batch {B}, lax.scan inside the one jitted step):")
         accum = {a: OurRunner(cfg, B, T, args.mask_rate, accum_steps=a).run for a in (1, 2, 4) if B % a == 0}

@@ -15,6 +15,7 @@ The JAX time includes compiling the step for each batch length on its first use,
 Extras needed only here: pip install torch transformers
 """
 import argparse
+import functools
 import os
 import time
 
@@ -98,8 +99,8 @@ def main() -> None:
     bert.set_precision("fp32")
     cfg = bert.make_config(args.model, tok.get_vocab_size(), dropout=args.dropout)
     net = bert.classifier_model(cfg, task.num_labels)
-    schedule = ft.lr_schedule(args.lr, steps, round(args.warmup * steps))
-    optimizer = ft.make_optimizer(schedule, args.weight_decay)
+    lr_fn = functools.partial(ft.lr_at, lr=args.lr, total_steps=steps, warmup_steps=round(args.warmup * steps))
+    optimizer = ft.make_optimizer(args.weight_decay)
     step_fn = ft.make_train_step(net, optimizer, regression=False)
     params, _ = ft.init_params(cfg, task.num_labels, None, jax.random.PRNGKey(0))
     state = (params, optimizer.init(params), jmp.NoOpLossScale())
@@ -135,7 +136,7 @@ def main() -> None:
     for seg in range(0, steps, args.segment):
         start = time.perf_counter()
         state, step, loss = ft.train_epoch(timed_step, state, enc, labels, batches[seg:seg + args.segment], args, key,
-                                           step, desc="finetune.py")
+                                           step, lr_fn, desc="finetune.py")
         jax.block_until_ready(state)
         jax_time += time.perf_counter() - start
         jax_losses.append(loss)
@@ -154,7 +155,8 @@ def main() -> None:
     if hf is not None:
         seg_loss = [np.mean(hf_losses[i:i + args.segment]) for i in range(0, len(hf_losses), args.segment)]
         print(f"transformers (PyTorch, dynamic padding): {hf_time:.1f} s; {n / hf_time:.0f} examples/s; padding "
-              f"efficiency {hf_real / hf_padded:.2f}; mean loss first/last segment {seg_loss[0]:.3f}/{seg_loss[-1]:.3f}")
+              f"efficiency {hf_real / hf_padded:.2f}; mean loss first/last segment "
+              f"{seg_loss[0]:.3f}/{seg_loss[-1]:.3f}")
         print(f"speedup: {hf_time / jax_time:.2f}x (epoch wall time, JAX compilation included), "
               f"{hf_time / (jax_time - compile_time[0]):.2f}x (compilation excluded)")
 

@@ -447,23 +447,23 @@ def task_loss(logits, labels, weights, regression: bool):
     return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def lr_schedule(lr: float, total_steps: int, warmup_steps: int):
-    """Linear warmup from 0 to lr, then linear decay to 0 at total_steps."""
-    decay = optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup_steps))
-    if warmup_steps <= 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+def lr_at(step: int, lr: float, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup from 0 to lr over warmup_steps, then linear decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def make_optimizer(schedule, weight_decay: float, clip_norm: float = 1.0):
-    """AdamW as in BERT (eps 1e-6, no decay on biases and LayerNorm), with global-norm clipping."""
+def make_optimizer(weight_decay: float, clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """AdamW as in BERT (eps 1e-6, no decay on biases and LayerNorm) after global-norm clipping, without the
+    learning rate: the step multiplies by it, so one compiled step serves every task, lr and schedule."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 (matrices only)
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
+                       optax.add_decayed_weights(weight_decay, mask=decay_mask))
 
 
-def make_train_step(model: hk.Transformed, optimizer, regression: bool):
-    """One jitted step: (params, opt_state, loss_scale, batch arrays, key, step) -> updated state and loss."""
+def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation, regression: bool):
+    """One jitted step: (params, opt_state, loss_scale, batch arrays, key, step, lr) -> updated state and loss."""
 
     def loss_fn(params, key, tokens, types, mask, labels, weights, loss_scale):
         logits = model.apply(params, key, tokens, types, mask, True)  # [B, L] float32
@@ -471,12 +471,12 @@ def make_train_step(model: hk.Transformed, optimizer, regression: bool):
         return loss_scale.scale(loss), loss
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, loss_scale, tokens, types, mask, labels, weights, key, step_no):
+    def step(params, opt_state, loss_scale, tokens, types, mask, labels, weights, key, step_no, lr):
         key = jax.random.fold_in(key, step_no)
         grads, loss = jax.grad(loss_fn, has_aux=True)(params, key, tokens, types, mask, labels, weights, loss_scale)
         grads = loss_scale.unscale(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
         if isinstance(loss_scale, jmp.NoOpLossScale):
             return new_params, new_opt_state, loss_scale, loss
         finite = jmp.all_finite(grads)  # fp16: skip steps whose gradients overflowed, and adjust the scale
@@ -486,8 +486,15 @@ def make_train_step(model: hk.Transformed, optimizer, regression: bool):
     return step
 
 
-def make_logits_fn(model: hk.Transformed):
-    return jax.jit(lambda params, tokens, types, mask: model.apply(params, None, tokens, types, mask, False))
+@functools.lru_cache(maxsize=None)
+def compiled_fns(cfg: bert.BertConfig, num_labels: int, regression: bool, weight_decay: float, precision: str):
+    """(train step, logits fn, optimizer), shared by every seed and task with the same model and head, so that
+    each batch shape compiles once per run (--task all: once for the seven two-label tasks). precision is part
+    of the key because tracing reads the haiku policy that set_precision installed."""
+    model = bert.classifier_model(cfg, num_labels)
+    optimizer = make_optimizer(weight_decay)
+    logits_fn = jax.jit(lambda params, tokens, types, mask: model.apply(params, None, tokens, types, mask, False))
+    return make_train_step(model, optimizer, regression), logits_fn, optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -619,16 +626,15 @@ def write_submission(path: str, index: list[str], predictions: list[str]) -> Non
 
 
 def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches: list, args, key, step: int,
-                desc: str = "", on_log=None):
-    """One pass over batches (index arrays from make_batches). state = (params, opt_state, loss_scale).
-
-    -> (state, step, mean loss). on_log(step, recent mean loss) every args.log_every steps.
-    """
+                lr_fn, desc: str = "", on_log=None):
+    """One pass over batches (index arrays from make_batches). state = (params, opt_state, loss_scale);
+    lr_fn(step) -> learning rate. -> (state, step, mean loss). on_log(step, recent mean loss) every log_every."""
     losses = []
     bar = tqdm(batches, desc=desc, unit="batch", leave=False)
     for idx in bar:
         b = collate(enc, idx, args.batch_size, args.pad_multiple, labels)
-        *state, loss = step_fn(*state, b.tokens, b.types, b.mask, b.labels, b.weights, key, step)
+        *state, loss = step_fn(*state, b.tokens, b.types, b.mask, b.labels, b.weights, key, step,
+                               np.float32(lr_fn(step)))
         losses.append(loss)
         step += 1
         if step % args.log_every == 0:
@@ -639,11 +645,12 @@ def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches
     return tuple(state), step, float(jnp.mean(jnp.stack(losses)))
 
 
-def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, fns, log_dir: str) -> dict:
+def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, lr_fn, log_dir: str) -> dict:
     """Finetune from init with one seed; evaluate on dev after each epoch; predict test with the best epoch."""
     from tensorboardX import SummaryWriter
 
-    step_fn, logits_fn, schedule, optimizer = fns
+    step_fn, logits_fn, optimizer = compiled_fns(init.cfg, task.num_labels, task.labels is None, args.weight_decay,
+                                                 args.precision)
     params, fresh = init_params(init.cfg, task.num_labels, init.pretrained, jax.random.PRNGKey(seed))
     loss_scale = jmp.DynamicLossScale(jnp.float32(2 ** 15)) if args.precision == "fp16" else jmp.NoOpLossScale()
     state = (params, optimizer.init(params), loss_scale)
@@ -652,7 +659,7 @@ def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, fns, log
 
     def on_log(step, loss):
         writer.add_scalar("train/loss", loss, step)
-        writer.add_scalar("train/lr", float(schedule(step)), step)
+        writer.add_scalar("train/lr", lr_fn(step), step)
 
     epochs, best, best_record, step = [], None, None, 0
     try:
@@ -660,7 +667,8 @@ def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, fns, log
             start = time.time()
             batches = make_batches(data.train.lengths, args.batch_size, rng)
             state, step, train_loss = train_epoch(step_fn, state, data.train, data.train_labels, batches, args,
-                                                  dropout_key, step, f"{task.name} seed {seed} epoch {epoch}", on_log)
+                                                  dropout_key, step, lr_fn, f"{task.name} seed {seed} epoch {epoch}",
+                                                  on_log)
             train_seconds = time.time() - start
             metrics = evaluate(task, logits_fn, state[0], data, args)
             score = task_score(metrics)
@@ -689,14 +697,11 @@ def run_task(task: Task, init: Init, data: TaskData, args) -> dict:
     lr = args.lr if args.lr is not None else task.lr
     steps_per_epoch = -(-len(data.train.lengths) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    schedule = lr_schedule(lr, total_steps, round(args.warmup * total_steps))
-    optimizer = make_optimizer(schedule, args.weight_decay)
-    model = bert.classifier_model(init.cfg, task.num_labels)
-    fns = (make_train_step(model, optimizer, task.labels is None), make_logits_fn(model), schedule, optimizer)
+    lr_fn = functools.partial(lr_at, lr=lr, total_steps=total_steps, warmup_steps=round(args.warmup * total_steps))
     runs = []
     for i in range(args.seeds):
         seed = args.seed + i
-        runs.append(train_seed(task, init, data, args, seed, fns,
+        runs.append(train_seed(task, init, data, args, seed, lr_fn,
                                os.path.join(args.out_dir, "tb", task.name, f"seed{seed}")))
     # The submission comes from the median seed (by its best dev score; the upper one of two middles).
     chosen = sorted(runs, key=lambda r: (r["best_score"], r["seed"]))[len(runs) // 2]

@@ -2,7 +2,8 @@
 positions, a [CLS] classifier head, and the MLM objective (masking, loss) as pure functions.
 
 Parameters are float32 pytrees; set_precision() picks the compute dtype. Parameter names follow BERT's
-structure ("bert/embeddings/word", "bert/layer_0/attention/query", ...) so that checkpoints can be mapped.
+structure ("bert/embeddings/word", "bert/layer_0/attention/output", ...) so that checkpoints can be mapped;
+the one difference: "attention/qkv" holds BERT's query, key and value matrices side by side ([H, 3H]).
 """
 import math
 from dataclasses import dataclass

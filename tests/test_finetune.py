@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -296,9 +297,10 @@ def test_submission_files(tmp_path):
 
 
 def test_schedule_warmup_then_linear_decay():
-    s = ft.lr_schedule(1e-3, 100, 10)
-    assert float(s(0)) == 0 and float(s(5)) == pytest.approx(5e-4) and float(s(10)) == pytest.approx(1e-3)
-    assert float(s(55)) == pytest.approx(5e-4) and float(s(100)) == pytest.approx(0, abs=1e-9)
+    s = functools.partial(ft.lr_at, lr=1e-3, total_steps=100, warmup_steps=10)
+    assert s(0) == 0 and s(5) == pytest.approx(5e-4) and s(10) == pytest.approx(1e-3)
+    assert s(55) == pytest.approx(5e-4) and s(100) == 0 and s(120) == 0
+    assert ft.lr_at(0, 1e-3, 100, 0) == pytest.approx(1e-3)  # no warmup: decay from the first step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,13 +467,13 @@ def test_fp16_step_skips_overflow_and_lowers_the_scale():
     model.set_precision("fp16")
     try:
         net = model.classifier_model(cfg, 2)
-        opt = ft.make_optimizer(ft.lr_schedule(1e-3, 10, 0), 0.01)
+        opt = ft.make_optimizer(0.01)
         step = ft.make_train_step(net, opt, regression=False)
         params, _ = ft.init_params(cfg, 2, None, jax.random.PRNGKey(0))
         before = jax.tree.map(np.array, params)
         tokens = np.full((4, 8), 7, np.int32)
         batch = (tokens, np.zeros_like(tokens), np.ones((4, 8), bool), np.array([0, 1, 0, 1], np.int32),
-                 np.ones(4, np.float32), jax.random.PRNGKey(1), 0)
+                 np.ones(4, np.float32), jax.random.PRNGKey(1), 0, np.float32(1e-3))
         huge = jmp.DynamicLossScale(jnp.float32(2.0 ** 100))  # the scaled gradients overflow
         params, opt_state, scale, loss = step(params, opt.init(params), huge, *batch)
         assert float(scale.loss_scale) < 2.0 ** 100 and np.isfinite(float(loss))

@@ -3,7 +3,6 @@ import math
 import os
 import sys
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,7 +138,8 @@ def test_shapes_and_dtypes(precision):
     np.testing.assert_allclose(logits, reference, atol=0.1)  # low precision stays close to float32
     # The matmuls really run in the compute dtype.
     short = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
-    dots = [line for line in apply.lower(params, None, tokens, positions).as_text().splitlines() if "dot_general" in line]
+    hlo = apply.lower(params, None, tokens, positions).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
     assert dots and all(f"x{short}>" in line for line in dots)
 
     c = model.classifier_model(small_config(), num_labels=3)
@@ -323,7 +323,8 @@ def test_presets():
             layers, hidden, hidden // 64, 4 * hidden)
         assert not cfg.post_ln and cfg.dropout == 0.0 and cfg.max_position == 512
     cfg = model.make_config("mini", 100, hidden_size=384, num_layers=3, post_ln=True)
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.post_ln) == (3, 384, 6, 1536, True)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.post_ln) == (
+        3, 384, 6, 1536, True)
 
 
 @pytest.mark.parametrize("bad", [
@@ -367,7 +368,8 @@ def test_classifier_shares_encoder_parameters(post_ln):
     # Finetuning starts from the pretrained encoder: swapping it in changes the output.
     started = {**cparams, **{name: mlm_params[name] for name in encoder}}
     apply = c.apply
-    assert not np.allclose(apply(started, None, tokens, types, pad, False), apply(cparams, None, tokens, types, pad, False))
+    fresh = apply(cparams, None, tokens, types, pad, False)
+    assert not np.allclose(apply(started, None, tokens, types, pad, False), fresh)
 
 
 @pytest.mark.parametrize("post_ln", [False, True])
