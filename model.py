@@ -141,24 +141,26 @@ def _embeddings(cfg: BertConfig, tokens, token_types, is_training):
             token_type = hk.get_parameter("embeddings", [cfg.type_vocab_size, H], init=_INIT)
         type_embedded = token_type[0] if token_types is None else jnp.take(token_type, token_types, axis=0)
         x = jnp.take(word, tokens, axis=0) + position[:T] + type_embedded  # [B, T, H]
-        if cfg.post_ln:
-            x = LayerNorm(cfg.layer_norm_eps, name="layer_norm")(x)
+        # Both layouts normalise the embeddings (BERT; RoBERTa-PreLayerNorm and Cramming for pre-LN), which
+        # keeps a pre-LN model exactly the function of transformers' RobertaPreLayerNorm for export.
+        x = LayerNorm(cfg.layer_norm_eps, name="layer_norm")(x)
     return _dropout(x, cfg.dropout, is_training), word
 
 
 def _softmax_attention(q, k, v, mask, dropout_rate: float):
-    """Attention (query already scaled) written out: for dropout on the probabilities, and for fp16 on
-    CPU, where jax.nn.dot_product_attention requests an F16_F16_F32 dot that XLA:CPU rejects."""
-    logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)  # [B, N, T, S]
+    """Attention written out, head-major: q (already scaled), k, v [B, N, T, D] -> [B, N, T, D]. Used on CPU,
+    where it is faster than XLA's jax.nn.dot_product_attention (which works in [B, T, N, D]), for dropout on
+    the probabilities, and for fp16 on CPU, where that function requests an F16_F16_F32 dot XLA:CPU rejects."""
+    logits = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32)  # [B, N, T, S]
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = _dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, True).astype(v.dtype)
-    return jnp.einsum("bnts,bsnd->btnd", probs, v)  # [B, T, N, D]
+    return jnp.einsum("bnts,bnsd->bntd", probs, v)
 
 
 def _attention_implementation(dtype, mask):
     """cuDNN's fused kernel on GPUs that have it (bf16/fp16, no mask); otherwise None, which in this jax means
-    XLA's version (CPU, fp32, padding masks)."""
+    XLA's version (fp32, padding masks)."""
     if jax.default_backend() != "gpu" or mask is not None or dtype not in (jnp.bfloat16, jnp.float16):
         return None
     capability = getattr(jax.devices()[0], "compute_capability", "0")
@@ -171,14 +173,16 @@ def _attention(cfg: BertConfig, x, mask, is_training):
     N, D = cfg.num_heads, H // cfg.num_heads
     with hk.name_scope("attention"):
         # One [H, 3H] projection for query, key and value (BERT's three matrices side by side): one larger
-        # matmul is faster than three small ones.
+        # matmul is faster than three small ones. Scaling q by 1/sqrt(D) is cheaper than scaling the logits.
         qkv = _dense(3 * H, "qkv")(x).reshape(B, T, 3, N, D)
-        # Scaling q by 1/sqrt(D) here is cheaper than scaling the [B, N, T, T] logits.
-        q, k, v = qkv[:, :, 0] * (1.0 / math.sqrt(D)), qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, D] each
+        scale = jnp.asarray([1.0 / math.sqrt(D), 1.0, 1.0], qkv.dtype)[:, None, None]  # [3, 1, 1]
+        qkv = qkv * scale
         dropout_rate = cfg.dropout if is_training else 0.0
-        if dropout_rate > 0 or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
-            out = _softmax_attention(q, k, v, mask, dropout_rate)
+        if dropout_rate > 0 or jax.default_backend() == "cpu":
+            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, N, T, D] each
+            out = _softmax_attention(q, k, v, mask, dropout_rate).transpose(0, 2, 1, 3)  # [B, T, N, D]
         else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, D] each
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,  # softmax in float32 inside
                                                implementation=_attention_implementation(q.dtype, mask))
         return _dense(H, "output")(out.reshape(B, T, H))
@@ -294,17 +298,41 @@ def mask_tokens(key, tokens, mask_rate: float, vocab_size: int):
     return inputs, positions.astype(jnp.int32), targets, weights
 
 
+@jax.custom_vjp
+def cross_entropy(logits, targets):
+    """-log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...].
+
+    The gradient is written out, softmax - one_hot, so that XLA computes it in one elementwise pass over
+    [..., V] instead of autodiff's scatter of the target-logit gradient into a zero tensor.
+    """
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - target_logit, (logits, lse, targets)
+
+
+def _cross_entropy_bwd(residuals, g):
+    logits, lse, targets = residuals
+    one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return (jnp.exp(logits - lse[..., None]) - one_hot) * g[..., None], None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def mlm_loss(logits, targets, weights):
     """Weighted mean cross-entropy and accuracy over the chosen positions, both float32 scalars."""
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
-    # A one-hot product rather than a gather: its gradient is elementwise, not a scatter into [B, M, V].
-    target_logits = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logits  # [B, M]
+    nll = cross_entropy(logits, targets)  # [B, M]
+    # Correct when the target's logit is the largest: the max that logsumexp takes anyway, not an argmax pass.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = target_logit >= jnp.max(logits, axis=-1)
     total = jnp.maximum(weights.sum(), 1.0)
-    loss = (nll * weights).sum() / total
-    accuracy = ((jnp.argmax(logits, axis=-1) == targets) * weights).sum() / total
-    return loss, accuracy
+    return (nll * weights).sum() / total, (correct * weights).sum() / total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,7 +344,8 @@ def encoder_params(cfg: BertConfig) -> int:
     attention = 4 * H * H + 4 * H
     mlp = 2 * H * I + I + H
     norms = 2 * 2 * H
-    return cfg.num_layers * (attention + mlp + norms) + 2 * H  # + final (pre-LN) or embedding (post-LN) LN
+    outside = 2 * H if cfg.post_ln else 4 * H  # the embedding LayerNorm, and pre-LN's final one
+    return cfg.num_layers * (attention + mlp + norms) + outside
 
 
 def flops_per_token(cfg: BertConfig, seq_len: int, mask_rate: float) -> float:

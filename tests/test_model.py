@@ -78,8 +78,7 @@ def np_encoder(params, cfg, tokens, token_types=None, pad_mask=None):
     types = np.zeros_like(tokens) if token_types is None else token_types
     x = (P["bert/embeddings/word"]["embeddings"][tokens] + P["bert/embeddings/position"]["embeddings"][:T]
          + P["bert/embeddings/token_type"]["embeddings"][types])
-    if cfg.post_ln:
-        x = np_layer_norm(x, P["bert/embeddings/layer_norm"], eps)
+    x = np_layer_norm(x, P["bert/embeddings/layer_norm"], eps)
     for i in range(cfg.num_layers):
         L = f"bert/layer_{i}"
         mlp = lambda h: np_dense(np_gelu(np_dense(h, P[f"{L}/mlp/intermediate"])), P[f"{L}/mlp/output"])
@@ -165,9 +164,9 @@ def test_forward_matches_handwritten_reference(post_ln):
 
 def test_layouts_have_the_right_layer_norms():
     pre, post = shared_mlm(False)[1], shared_mlm(True)[1]
-    assert "bert/final_layer_norm" in pre and "bert/embeddings/layer_norm" not in pre
-    assert "bert/embeddings/layer_norm" in post and "bert/final_layer_norm" not in post
-    assert set(pre) - {"bert/final_layer_norm"} == set(post) - {"bert/embeddings/layer_norm"}
+    assert "bert/final_layer_norm" in pre and "bert/final_layer_norm" not in post
+    assert "bert/embeddings/layer_norm" in pre and "bert/embeddings/layer_norm" in post
+    assert set(pre) - {"bert/final_layer_norm"} == set(post)
 
 
 def test_decoder_at_positions_equals_gathered_full_logits():
@@ -225,8 +224,10 @@ def test_padding_does_not_change_the_real_positions():
 def test_written_out_attention_matches_jax_attention():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 3, 4)) for i in range(3))
     mask = (jnp.arange(6)[None, :] < jnp.array([[6], [4]]))[:, None, None, :]
-    ours = model._softmax_attention(q / 2.0, k, v, mask, dropout_rate=0.0)  # takes q scaled by 1/sqrt(4)
-    np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 ([B, T, N, D] <-> [B, N, T, D])
+    ours = model._softmax_attention(heads_first(q / 2.0), heads_first(k), heads_first(v), mask, dropout_rate=0.0)
+    np.testing.assert_allclose(heads_first(ours), jax.nn.dot_product_attention(q, k, v, mask=mask), rtol=1e-5,
+                               atol=1e-6)  # ours takes q already scaled by 1/sqrt(4)
 
 
 def test_dropout_only_when_training():
@@ -306,6 +307,11 @@ def test_mlm_loss_matches_definition():
     assert float(loss) == pytest.approx((nll * w).sum() / w.sum(), rel=1e-6)
     correct = np.asarray(logits).argmax(-1) == np.asarray(targets)
     assert float(accuracy) == pytest.approx((correct * w).sum() / w.sum())
+    # The written-out gradient equals autodiff of the plain formula.
+    plain = lambda L: (jax.nn.logsumexp(L, -1) - jnp.take_along_axis(L, targets[..., None], -1)[..., 0])  # noqa
+    reference = jax.grad(lambda L: (plain(L) * weights).sum() / weights.sum())(logits)
+    np.testing.assert_allclose(jax.grad(lambda L: model.mlm_loss(L, targets, weights)[0])(logits), reference,
+                               rtol=1e-5, atol=1e-7)
     perfect = jax.nn.one_hot(targets, 7) * 100.0
     loss, accuracy = model.mlm_loss(perfect, targets, weights)
     assert float(accuracy) == 1.0 and float(loss) < 1e-6
@@ -384,10 +390,10 @@ def test_flops_per_token_against_hand_count(post_ln):
     L, H, V, T, rate = cfg.num_layers, cfg.hidden_size, cfg.vocab_size, 12, 0.15
     expected = 6 * (count(encoder) + rate * count(head)) + 12 * L * H * T + 6 * H * V * rate
     assert model.flops_per_token(cfg, T, rate) == pytest.approx(expected)
-    # Closed form for BERT-base: 12 layers of 12H^2 + 13H parameters, plus one LayerNorm.
+    # Closed form for BERT-base: 12 layers of 12H^2 + 13H parameters, plus the embedding and final LayerNorms.
     base = model.make_config("base", 30522)
     H = 768
-    enc = 12 * (12 * H * H + 13 * H) + 2 * H
-    assert model.encoder_params(base) == enc == 85_054_464 + 2 * H
+    enc = 12 * (12 * H * H + 13 * H) + 4 * H
+    assert model.encoder_params(base) == enc == 85_054_464 + 4 * H
     assert model.flops_per_token(base, 128, 0.15) == pytest.approx(
         6 * (enc + 0.15 * (H * H + 3 * H)) + 12 * 12 * H * 128 + 6 * H * 30522 * 0.15)
