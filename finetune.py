@@ -4,6 +4,7 @@ prediction files the GLUE test server takes.
     python finetune.py --task sst2 --init out --glue_dir glue_data        # out: a train.py out_dir or ckpt_* folder
     python finetune.py --task all --init out --glue_dir glue_data --seeds 5  # every task with data, GLUE table
     python finetune.py --task rte --from_scratch --tokenizer tokenizer.json --model mini --glue_dir glue_data
+    python finetune.py --task sst2 --init_hf bert-base-uncased --glue_dir glue_data  # a Hugging Face BERT folder
 
 Without --glue_dir the data comes from the Hugging Face Hub (nyu-mll/glue). --glue_dir reads the original GLUE
 TSV layout (download_glue_data.py): DIR/CoLA/train.tsv, DIR/MNLI/dev_matched.tsv, DIR/diagnostic/diagnostic.tsv...
@@ -28,6 +29,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import common
+import hf
 import model as bert
 import train
 from common import CLS_ID, SEP_ID, UserError
@@ -511,8 +513,10 @@ class Init:
 
 def load_init(args) -> Init:
     overrides = {} if args.dropout is None else {"dropout": args.dropout}
-    if args.init and args.from_scratch:
-        raise UserError("give either --init DIR or --from_scratch, not both")
+    if sum(map(bool, (args.init, args.init_hf, args.from_scratch))) > 1:
+        raise UserError("give only one of --init DIR, --init_hf DIR and --from_scratch")
+    if args.init_hf:
+        return load_init_hf(args, overrides)
     if args.from_scratch:
         if not args.tokenizer or not args.model:
             raise UserError("--from_scratch needs --tokenizer FILE and --model PRESET (random weights)")
@@ -521,8 +525,9 @@ def load_init(args) -> Init:
         return Init(cfg, None, tok, {"from_scratch": True, "model": args.model, "tokenizer": args.tokenizer,
                                      "tokenizer_sha256": common.sha256_file(args.tokenizer)})
     if not args.init:
-        raise UserError("give --init DIR (a train.py out_dir or ckpt_<step> folder) to finetune pretrained weights, "
-                        "or --from_scratch --tokenizer FILE --model PRESET for random ones")
+        raise UserError("give --init DIR (a train.py out_dir or ckpt_<step> folder) or --init_hf DIR (a Hugging Face "
+                        "BERT folder) to finetune pretrained weights, or --from_scratch --tokenizer FILE --model "
+                        "PRESET for random ones")
     if args.model:
         raise UserError("--model only applies with --from_scratch; the checkpoint fixes the model shape")
     params, state = train.load_checkpoint(args.init)
@@ -546,6 +551,20 @@ def load_init(args) -> Init:
     info = {"checkpoint": os.path.abspath(ckpt), "step": state.get("step"), "tokens_seen": state.get("tokens_seen"),
             "tokenizer": tok_path, "tokenizer_sha256": common.sha256_file(tok_path)}
     return Init(cfg, params, tok, info)
+
+
+def load_init_hf(args, overrides: dict) -> Init:
+    """--init_hf: a Hugging Face BERT folder with its tokenizer converted by hf.py; every task trains a new
+    classifier (the folder's own, if any, has its own labels)."""
+    if args.model or args.tokenizer:
+        raise UserError("--init_hf takes the model and its tokenizer from the folder; drop --model and --tokenizer")
+    cfg, params, tokenizer_bytes, info = hf.load_hf(args.init_hf)
+    if params.pop("classifier", None) is not None:
+        print(f"note: {args.init_hf}: its classifier ({info['num_labels']} labels) is not used")
+    fresh = ["bert/pooler/dense"] * ("bert/pooler/dense" not in params) + ["classifier"]
+    print(f"note: {args.init_hf}: initialised fresh for each task: {', '.join(fresh)}")
+    info = {"init_hf": info["source"], "tokenizer_sha256": common.sha256_bytes(tokenizer_bytes)}
+    return Init(dataclasses.replace(cfg, **overrides), params, Tokenizer.from_str(tokenizer_bytes.decode()), info)
 
 
 @functools.lru_cache(maxsize=None)
@@ -781,6 +800,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("start point")
     g.add_argument("--init", help="pretrained weights: a train.py out_dir (its newest checkpoint) or a "
                                   "ckpt_<step> folder; its tokenizer.json and model config are used")
+    g.add_argument("--init_hf", metavar="DIR",
+                   help="pretrained weights of a Hugging Face BERT folder (config.json, model.safetensors, "
+                        "tokenizer.json or vocab.txt; see hf.py), with its tokenizer converted")
     g.add_argument("--from_scratch", action="store_true",
                    help="random weights instead of --init (a baseline); needs --tokenizer and --model")
     g.add_argument("--tokenizer", help="tokenizer.json: with --from_scratch, or for a checkpoint that lacks one")

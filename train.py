@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import common
 import data
+import hf
 import model as bert
 from common import UserError
 
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--intermediate_size", type=int, help="override the MLP width (default: 4*hidden)")
     g.add_argument("--post_ln", action=argparse.BooleanOptionalAction, default=None,
                    help="BERT's original post-LayerNorm layout instead of pre-LN (default: pre-LN)")
+    g.add_argument("--init_hf", metavar="DIR",
+                   help="continue pretraining a Hugging Face BERT folder (see hf.py): its weights and model shape "
+                        "(--model and the shape flags do not apply) and its converted tokenizer (--tokenizer does "
+                        "not apply); --data_dir must be made with that tokenizer: python hf.py --tokenizer DIR "
+                        "tok.json, then python data.py --tokenizer tok.json")
     g.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default: 0.0)")
     g.add_argument("--seq_len", type=int, default=128, help="tokens per training window (default: 128)")
     g.add_argument("--mask_rate", type=float, default=0.15,
@@ -499,17 +505,32 @@ def main(argv: list[str] | None = None) -> dict:
     # Data and tokenizer: the data must have been made with this tokenizer (and the checkpoint's).
     if not os.path.isdir(args.data_dir):
         raise UserError(f"data folder not found: {args.data_dir} (make it with: python data.py --out {args.data_dir})")
-    common.load_tokenizer(args.tokenizer)
-    with open(args.tokenizer, "rb") as f:
-        tokenizer_bytes = f.read()
-    tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
+    if args.init_hf:  # the data must have been made with the checkpoint's tokenizer, converted by hf.py
+        hf_cfg, _ = hf.read_config(args.init_hf)
+        tokenizer_bytes, _ = hf.convert_tokenizer(args.init_hf, hf_cfg.vocab_size)
+        tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
+        if data.load_meta(args.data_dir)["tokenizer_sha256"] != tokenizer_sha:
+            raise UserError(f"{args.data_dir} was not made with the tokenizer of {args.init_hf}: convert it with "
+                            f"python hf.py --tokenizer {args.init_hf} tok.json, then make the data with python "
+                            f"data.py --tokenizer tok.json --out {args.data_dir}")
+    else:
+        common.load_tokenizer(args.tokenizer)
+        with open(args.tokenizer, "rb") as f:
+            tokenizer_bytes = f.read()
+        tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
     if resumed and resumed["tokenizer_sha256"] != tokenizer_sha:
-        raise UserError(f"{args.tokenizer} is not the tokenizer of checkpoint {resumed['path']} "
+        raise UserError(f"{args.init_hf or args.tokenizer} is not the tokenizer of checkpoint {resumed['path']} "
                         f"(sha256 {tokenizer_sha} vs {resumed['tokenizer_sha256']})")
     reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha)
     overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size",
                                                "post_ln") if getattr(args, k) is not None}
-    cfg = bert.make_config(args.model, reader.vocab_size, dropout=args.dropout, **overrides)
+    if args.init_hf and overrides:
+        raise UserError(f"--init_hf takes the model shape from {args.init_hf}; drop "
+                        + ", ".join(f"--{k}" for k in overrides))
+    if args.init_hf:
+        cfg = dataclasses.replace(hf_cfg, dropout=args.dropout)
+    else:
+        cfg = bert.make_config(args.model, reader.vocab_size, dropout=args.dropout, **overrides)
     if args.seq_len > cfg.max_position:
         raise UserError(f"--seq_len {args.seq_len} exceeds the model's max_position {cfg.max_position}")
     num_masked = bert.num_masked(args.seq_len, args.mask_rate)
@@ -544,6 +565,9 @@ def main(argv: list[str] | None = None) -> dict:
         step, tokens_seen, skipped = resumed["step"], resumed["tokens_seen"], resumed["skipped_steps"]
     else:
         state = jax.jit(init, out_shardings=replicated)(init_key)
+        if args.init_hf:  # its weights; the heads it lacks keep their fresh init
+            params = hf.merge_params(jax.device_get(state["params"]), hf.load_hf(args.init_hf)[1], args.init_hf)
+            state = replicate(dict(params=params, opt_state=tx.init(params)), mesh)
         step, tokens_seen, skipped = 0, 0, 0
     state["loss_scale"] = jmp.NoOpLossScale()
     if precision == "fp16":  # the saved scale, unless the run starts (or resumes from fp32/bf16) here
@@ -573,11 +597,13 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     flops_per_token = bert.flops_per_token(cfg, args.seq_len, args.mask_rate)
     peak = args.peak_flops or measure_peak_flops(policy.compute_dtype, 512 if jax.default_backend() == "cpu" else 8192)
+    start_from = f"resuming from {resumed['path']}" if resumed else f"from {args.init_hf or 'scratch'}"
     if is_main:
-        print(f"model {args.model} {cfg}: {n_params / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token; "
-              f"{precision}; {num_devices} devices x {micro} sequences per microbatch; "
+        print(f"model {args.init_hf or args.model} {cfg}: {n_params / 1e6:.2f}M params, "
+              f"{flops_per_token / 1e6:.1f} MFLOP/token; {precision}; {num_devices} devices x {micro} sequences "
+              f"per microbatch; "
               f"peak {peak / 1e12:.2f} TFLOP/s/device{' (measured matmul)' if not args.peak_flops else ''}; "
-              f"{'resuming from ' + resumed['path'] if resumed else 'from scratch'} at step {step}", flush=True)
+              f"{start_from} at step {step}", flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     writer = None
     if is_main:
