@@ -298,6 +298,19 @@ def mask_tokens(key, tokens, mask_rate: float, vocab_size: int):
     return inputs, positions.astype(jnp.int32), targets, weights
 
 
+def all_positions(tokens, positions, weights):
+    """mask_tokens' choice spread over every position, to decode all T (original BERT) with the same loss.
+
+    tokens [B, T] (the original ones), positions and weights [B, M] -> positions [B, T] (0..T-1 in every row),
+    targets [B, T] (tokens) and weights [B, T] (mask_tokens' weights at their positions, 0 elsewhere). mlm_loss
+    over these is mlm_loss over the masked positions alone, up to the order of float sums.
+    """
+    B, T = tokens.shape
+    every = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    spread = jax.vmap(lambda pos, w: jnp.zeros(T, jnp.float32).at[pos].set(w))(positions, weights)  # [B, T]
+    return every, tokens, spread
+
+
 @jax.custom_vjp
 def cross_entropy(logits, targets):
     """-log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...].
@@ -348,13 +361,17 @@ def encoder_params(cfg: BertConfig) -> int:
     return cfg.num_layers * (attention + mlp + norms) + outside
 
 
-def flops_per_token(cfg: BertConfig, seq_len: int, mask_rate: float) -> float:
-    """Training FLOPs per input token: 6*non_embedding_params + 12*L*H*T (attention) + 6*H*V*mask_rate.
+def flops_per_token(cfg: BertConfig, seq_len: int, mask_rate: float,
+                    decoded_fraction: float | None = None) -> float:
+    """Training FLOPs per input token: 6*non_embedding_params + 12*L*H*T (attention) + 6*H*V*decoded_fraction.
 
+    decoded_fraction is the fraction of positions the MLM head runs at: mask_rate (the default) when it decodes
+    only the masked positions, 1.0 when it decodes all of them (original BERT; train.py --decode_all).
     non_embedding_params counts the encoder at every token and the MLM head's transform (dense + LN) at the
-    masked fraction only, since that is where it runs; the tied decoder is the 6*H*V*mask_rate term.
+    decoded fraction only, since that is where it runs; the tied decoder is the 6*H*V*decoded_fraction term.
     """
+    decoded = mask_rate if decoded_fraction is None else decoded_fraction
     H = cfg.hidden_size
     head = H * H + H + 2 * H
-    non_embedding = encoder_params(cfg) + mask_rate * head
-    return 6 * non_embedding + 12 * cfg.num_layers * H * seq_len + 6 * H * cfg.vocab_size * mask_rate
+    non_embedding = encoder_params(cfg) + decoded * head
+    return 6 * non_embedding + 12 * cfg.num_layers * H * seq_len + 6 * H * cfg.vocab_size * decoded

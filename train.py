@@ -48,7 +48,8 @@ CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
 TMP_PREFIX = ".tmp-ckpt_"
 # Flags that change how a run is executed or reported, never its numbers; a resumed run may change them freely.
 OPERATIONAL_FLAGS = {"data_dir", "tokenizer", "out_dir", "resume", "log_every", "eval_every", "ckpt_every",
-                     "keep_ckpts", "peak_flops", "micro_batch_size", "coordinator", "num_processes", "process_id"}
+                     "keep_ckpts", "peak_flops", "micro_batch_size", "decode_all", "coordinator", "num_processes",
+                     "process_id"}
 PER_PROCESS_FLAGS = {"out_dir", "resume", "coordinator", "num_processes", "process_id"}
 
 
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_rate", type=float, default=0.15,
                    help="fraction of each window's positions predicted, round(mask_rate*seq_len) per row "
                         "(default: 0.15)")
+    g.add_argument("--decode_all", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the MLM decoder at all seq_len positions of each window, the original BERT (and "
+                        "transformers) way, instead of only at the masked ones: the same loss (still over the "
+                        "masked positions only), more compute; for ablations. Training steps only: evaluation "
+                        "decodes the masked positions, whose numbers are the same")
     g.add_argument("--precision", choices=list(bert.PRECISIONS),
                    help="compute dtype; params stay fp32; fp16 adds dynamic loss scaling "
                         "(default: bf16 on GPU/TPU, fp32 on CPU; on --resume the checkpoint's)")
@@ -232,12 +238,14 @@ def init_state(net, tx, key, *, seq_len: int, num_masked: int) -> dict:
     return dict(params=params, opt_state=tx.init(params))
 
 
-def make_train_step(net, tx, cfg: bert.BertConfig, mask_rate: float, mesh: Mesh, traces: list | None = None):
+def make_train_step(net, tx, cfg: bert.BertConfig, mask_rate: float, mesh: Mesh, traces: list | None = None,
+                    decode_all: bool = False):
     """A jitted step(state, tokens [B, T], step, lr, train_key, accum_steps=A) -> (state, metrics).
 
     tokens are sharded by rows over the mesh's "data" axis. Rows j*A + a (j = 0..B/A-1) form microbatch a, so
     each device's rows split into A local microbatches without moving data. Gradients are summed over a device's
     microbatches in a lax.scan, then all-reduced once. The state (params, opt_state, loss_scale) is donated.
+    decode_all: decode all T positions (M = T below), with zero loss weight where nothing was masked.
     """
     def local_grads(params, loss_scale, inputs, positions, targets, weights, total_weight, dropout_key, accum_steps):
         def microbatches(x):  # [b, ...] -> [A, b/A, ...]
@@ -268,6 +276,8 @@ def make_train_step(net, tx, cfg: bert.BertConfig, mask_rate: float, mesh: Mesh,
             traces.append(accum_steps)  # runs once per compilation, not per step
         mask_key, dropout_key = jax.random.split(jax.random.fold_in(train_key, step))
         inputs, positions, targets, weights = bert.mask_tokens(mask_key, tokens, mask_rate, cfg.vocab_size)
+        if decode_all:
+            positions, targets, weights = bert.all_positions(tokens, positions, weights)  # [B, T] each
         total_weight = jnp.maximum(weights.sum(), 1.0)
         rows, same = P("data"), P()
         grads, loss, acc = jax.shard_map(
@@ -575,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
         state["loss_scale"] = replicate(jmp.DynamicLossScale(np.float32(scale["value"]), np.int32(scale["counter"])),
                                         mesh)
     traces: list[int] = []
-    train_step = make_train_step(net, tx, cfg, args.mask_rate, mesh, traces)
+    train_step = make_train_step(net, tx, cfg, args.mask_rate, mesh, traces, args.decode_all)
     train_key = replicate(np.asarray(train_key), mesh)
 
     if args.eval_windows:  # fixed windows, padded with [PAD] rows to whole microbatches
@@ -595,12 +605,13 @@ def main(argv: list[str] | None = None) -> dict:
         return dict(loss=loss_sum / total, accuracy=correct / total)
 
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    flops_per_token = bert.flops_per_token(cfg, args.seq_len, args.mask_rate)
+    flops_per_token = bert.flops_per_token(cfg, args.seq_len, args.mask_rate, 1.0 if args.decode_all else None)
     peak = args.peak_flops or measure_peak_flops(policy.compute_dtype, 512 if jax.default_backend() == "cpu" else 8192)
     start_from = f"resuming from {resumed['path']}" if resumed else f"from {args.init_hf or 'scratch'}"
     if is_main:
         print(f"model {args.init_hf or args.model} {cfg}: {n_params / 1e6:.2f}M params, "
-              f"{flops_per_token / 1e6:.1f} MFLOP/token; {precision}; {num_devices} devices x {micro} sequences "
+              f"{flops_per_token / 1e6:.1f} MFLOP/token{' (decoding all positions)' if args.decode_all else ''}; "
+              f"{precision}; {num_devices} devices x {micro} sequences "
               f"per microbatch; "
               f"peak {peak / 1e12:.2f} TFLOP/s/device{' (measured matmul)' if not args.peak_flops else ''}; "
               f"{start_from} at step {step}", flush=True)

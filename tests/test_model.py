@@ -390,6 +390,8 @@ def test_flops_per_token_against_hand_count(post_ln):
     L, H, V, T, rate = cfg.num_layers, cfg.hidden_size, cfg.vocab_size, 12, 0.15
     expected = 6 * (count(encoder) + rate * count(head)) + 12 * L * H * T + 6 * H * V * rate
     assert model.flops_per_token(cfg, T, rate) == pytest.approx(expected)
+    every = 6 * (count(encoder) + count(head)) + 12 * L * H * T + 6 * H * V  # the head at all T positions
+    assert model.flops_per_token(cfg, T, rate, decoded_fraction=1.0) == pytest.approx(every)
     # Closed form for BERT-base: 12 layers of 12H^2 + 13H parameters, plus the embedding and final LayerNorms.
     base = model.make_config("base", 30522)
     H = 768

@@ -292,6 +292,21 @@ def test_gradient_accumulation_equals_one_big_batch(corpus, cache_dir, tmp_path)
             np.testing.assert_allclose(a2[key], a1[key], rtol=1e-5, atol=5e-6, err_msg=key)
 
 
+def test_decode_all_gives_the_same_loss(corpus, cache_dir, tmp_path):
+    """One step (2 microbatches of 8) from the same seed: decoding all T positions, with zero weight off the masked
+    ones, gives the loss, accuracy and gradient of decoding the masked positions only; the flag is saved."""
+    masked, every = (train.main(run_flags(corpus, tmp_path / name, "--batch_size_start", "16", "--max_tokens",
+                                          str(STEP_TOKENS), "--eval_windows", "0", *extra))
+                     for name, extra in (("masked", []), ("all", ["--decode_all"])))
+    assert masked["traces"] == every["traces"] == [2]
+    assert every["loss"][0] == pytest.approx(masked["loss"][0], abs=1e-5)
+    assert every["accuracy"][0] == pytest.approx(masked["accuracy"][0], abs=1e-6)
+    assert every["grad_norm"][0] == pytest.approx(masked["grad_norm"][0], rel=1e-5)
+    assert train.read_state(train.latest_checkpoint(str(tmp_path / "all")))["args"]["decode_all"] is True
+    for name, expected in (("all", True), ("masked", False)):  # --resume keeps it
+        assert train.parse_args(["--out_dir", str(tmp_path / name), "--resume"])[0].decode_all is expected
+
+
 def test_fp16_skips_non_finite_steps_and_lowers_the_scale(run, tmp_path):
     """Continue the reference run from a checkpoint in fp16 for two steps (2 microbatches of 8 each)."""
     mid = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))[0]
