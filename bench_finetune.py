@@ -3,6 +3,7 @@ transformers (PyTorch BertForSequenceClassification in a plain training loop), s
 
     python bench_finetune.py --tokenizer tokenizer.json --glue_dir /path/to/glue           # the full epoch
     python bench_finetune.py --tokenizer tokenizer.json --glue_dir ... --max_examples 4000  # a fixed prefix
+    python bench_finetune.py --init_hf BERT_DIR --glue_dir ... --dev   # both from a Hugging Face BERT; dev accuracy
 
 Both sides train the same model shape (mini: 4 layers, hidden 256, 4 heads, MLP 1024, random init), in fp32, on
 the same token ids (the tokenizer and pair encoding of finetune.py), batch 32, max length 128, AdamW with warmup
@@ -11,10 +12,15 @@ bucketed by length, padded to a multiple of --pad_multiple. The baseline gets dy
 padded to its longest member, as transformers' DataCollatorWithPadding does), which is the fair, usual setup.
 The two sides alternate in segments of --segment steps so that load from other processes hits both alike.
 The JAX time includes compiling the step for each batch length on its first use, as in finetune.py (reported).
+With --init_hf both sides start from the same Hugging Face BERT folder (ours through hf.load_hf, transformers
+through from_pretrained; the same new classifier weights on both sides) and see the same tokens (the converted
+tokenizer's ids mapped back to the folder's own ids for transformers); --dev scores both on the dev set after the
+last epoch.
 
 Extras needed only here: pip install torch transformers
 """
 import argparse
+import dataclasses
 import functools
 import os
 import time
@@ -25,14 +31,23 @@ import numpy as np
 
 import common
 import finetune as ft
+import hf as hf_io
 import model as bert
 
 
-def hf_model(cfg, num_labels: int, dropout: float, seed: int):
+def hf_model(cfg, num_labels: int, dropout: float, seed: int, init_hf: str | None, classifier: dict):
     import torch
     import transformers
 
     torch.manual_seed(seed)
+    if init_hf:
+        net = transformers.BertForSequenceClassification.from_pretrained(
+            init_hf, num_labels=num_labels, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+            ignore_mismatched_sizes=True)  # a classifier of another size is replaced below
+        with torch.no_grad():  # the same new head as ours
+            net.classifier.weight.copy_(torch.from_numpy(np.array(classifier["w"]).T))
+            net.classifier.bias.copy_(torch.from_numpy(np.array(classifier["b"])))
+        return net
     hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                                      intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position,
@@ -41,8 +56,20 @@ def hf_model(cfg, num_labels: int, dropout: float, seed: int):
     return transformers.BertForSequenceClassification(hf_cfg)
 
 
-def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, order: np.ndarray, args, total_steps: int):
-    """A generator: each next() trains one batch (random order, padded to its longest row); yields real/padded."""
+def hf_batch(enc: ft.Encoded, idx: np.ndarray, id_map: np.ndarray | None):
+    """Rows idx padded to their longest (dynamic padding): torch (ids, token types, attention mask)."""
+    import torch
+
+    T = int(enc.lengths[idx].max())
+    ids = enc.ids[idx, :T] if id_map is None else id_map[enc.ids[idx, :T]]
+    mask = (np.arange(T)[None] < enc.lengths[idx][:, None]).astype(np.int64)
+    return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(enc.types[idx, :T].astype(np.int64)),
+            torch.from_numpy(mask))
+
+
+def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, args, total_steps: int, id_map):
+    """A generator: each next() trains the next batch of row indices, padded to its longest row; yields the loss
+    and the real and padded token counts."""
     import torch
     import transformers
 
@@ -52,12 +79,9 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, order: np.ndarray, args
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, eps=1e-6)
     sched = transformers.get_linear_schedule_with_warmup(opt, round(args.warmup * total_steps), total_steps)
     net.train()
-    for start in range(0, len(order), args.batch_size):
-        idx = order[start:start + args.batch_size]
-        T = int(enc.lengths[idx].max())  # dynamic padding: to the longest row of this batch
-        ids = torch.from_numpy(enc.ids[idx, :T].astype(np.int64))
-        types = torch.from_numpy(enc.types[idx, :T].astype(np.int64))
-        mask = torch.from_numpy((np.arange(T)[None] < enc.lengths[idx][:, None]).astype(np.int64))
+    for idx in batches:
+        T = int(enc.lengths[idx].max())
+        ids, types, mask = hf_batch(enc, idx, id_map)
         out = net(input_ids=ids, token_type_ids=types, attention_mask=mask,
                   labels=torch.from_numpy(labels[idx].astype(np.int64)))
         out.loss.backward()
@@ -70,7 +94,16 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, order: np.ndarray, args
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (e.g. python tokenizer.py --vocab_size 30522)")
+    p.add_argument("--tokenizer",
+                   help="tokenizer.json for a random-init model (e.g. python tokenizer.py --vocab_size 30522)")
+    p.add_argument("--init_hf", metavar="DIR", help="start both sides from this Hugging Face BERT folder")
+    p.add_argument("--epochs", type=int, default=1, help="epochs (default: 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the new head (the same on both sides), batch order and dropout (default: 0)")
+    p.add_argument("--dev", action="store_true", help="score both sides on the SST-2 dev set at the end")
+    p.add_argument("--same_batches", action="store_true",
+                   help="transformers trains on finetune.py's length-bucketed batches in the same order (default: "
+                        "a random order with dynamic padding, the usual way); isolates the implementations")
     p.add_argument("--glue_dir", required=True, help="GLUE folder holding SST-2/train.tsv")
     p.add_argument("--max_examples", type=int, default=0, help="use the first N training rows (default: 0 = all)")
     p.add_argument("--model", default="mini", choices=list(bert.PRESETS), help="model preset (default: mini)")
@@ -86,26 +119,40 @@ def main() -> None:
 
     import torch
 
-    tok = ft.prepare_tokenizer(common.load_tokenizer(args.tokenizer), args.max_len)
+    if bool(args.tokenizer) == bool(args.init_hf):
+        raise common.UserError("give --tokenizer (random init) or --init_hf DIR")
+    if args.epochs < 1:
+        raise common.UserError("--epochs must be positive")
+    if args.init_hf:
+        from tokenizers import Tokenizer
+        cfg, pretrained, tokenizer_bytes, info = hf_io.load_hf(args.init_hf)
+        pretrained.pop("classifier", None)  # a new head for the task, as finetune.py does
+        tok, id_map = Tokenizer.from_str(tokenizer_bytes.decode("utf-8")), np.asarray(info["old_id"])
+        cfg = dataclasses.replace(cfg, dropout=args.dropout)
+    else:
+        tok, pretrained, id_map = common.load_tokenizer(args.tokenizer), None, None
+    tok = ft.prepare_tokenizer(tok, args.max_len)
     task = ft.TASKS["sst2"]
     examples = ft.read_glue_file(task, os.path.join(args.glue_dir, task.train.file), True)
     if args.max_examples:
         examples = examples.head(args.max_examples)
     enc, labels = ft.encode(tok, examples, args.max_len), examples.labels
     n = len(labels)
-    steps = -(-n // args.batch_size)
+    steps = -(-n // args.batch_size) * args.epochs
 
     # finetune.py: its train step, batches and epoch loop
     bert.set_precision("fp32")
-    cfg = bert.make_config(args.model, tok.get_vocab_size(), dropout=args.dropout)
+    if not args.init_hf:
+        cfg = bert.make_config(args.model, tok.get_vocab_size(), dropout=args.dropout)
     net = bert.classifier_model(cfg, task.num_labels)
     lr_fn = functools.partial(ft.lr_at, lr=args.lr, total_steps=steps, warmup_steps=round(args.warmup * steps))
     optimizer = ft.make_optimizer(args.weight_decay)
     step_fn = ft.make_train_step(net, optimizer, regression=False)
-    params, _ = ft.init_params(cfg, task.num_labels, None, jax.random.PRNGKey(0))
+    params, _ = ft.init_params(cfg, task.num_labels, pretrained, jax.random.PRNGKey(args.seed))
     state = (params, optimizer.init(params), jmp.NoOpLossScale())
-    batches = ft.make_batches(enc.lengths, args.batch_size, np.random.default_rng(0))
-    key = jax.random.PRNGKey(1)
+    batch_rng = np.random.default_rng(args.seed)
+    batches = [b for _ in range(args.epochs) for b in ft.make_batches(enc.lengths, args.batch_size, batch_rng)]
+    key = jax.random.PRNGKey(args.seed + 1)
 
     jax_real = int(enc.lengths.sum())
     jax_padded = sum(args.batch_size * ft.padded_length(enc.lengths[b].max(), args.pad_multiple, args.max_len)
@@ -126,11 +173,18 @@ def main() -> None:
     hf = None
     if not args.skip_hf:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-        hf = hf_trainer(hf_model(cfg, task.num_labels, args.dropout, 0), enc, labels,
-                        np.random.default_rng(0).permutation(n), args, steps)
+        hf_net = hf_model(cfg, task.num_labels, args.dropout, args.seed, args.init_hf, params["classifier"])
+        if args.same_batches:
+            hf_batches = batches
+        else:  # the usual way: a random order each epoch
+            orders = [np.random.default_rng(1000 * args.seed + epoch).permutation(n) for epoch in range(args.epochs)]
+            hf_batches = [order[i:i + args.batch_size] for order in orders for i in range(0, n, args.batch_size)]
+        hf = hf_trainer(hf_net, enc, labels, hf_batches, args, steps, id_map)
     jax_time = hf_time = 0.0
     jax_losses, hf_losses, hf_real, hf_padded, step = [], [], 0, 0, 0
-    print(f"{n} examples, {steps} steps of {args.batch_size}; {args.model} {cfg.num_layers}L/{cfg.hidden_size}H, "
+    name = args.init_hf or args.model
+    print(f"{n} examples x {args.epochs} epochs, {steps} steps of {args.batch_size}; {name} "
+          f"{cfg.num_layers}L/{cfg.hidden_size}H, "
           f"vocab {cfg.vocab_size}; JAX {jax.default_backend()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); segments of {args.segment} steps", flush=True)
     for seg in range(0, steps, args.segment):
@@ -157,8 +211,24 @@ def main() -> None:
         print(f"transformers (PyTorch, dynamic padding): {hf_time:.1f} s; {n / hf_time:.0f} examples/s; padding "
               f"efficiency {hf_real / hf_padded:.2f}; mean loss first/last segment "
               f"{seg_loss[0]:.3f}/{seg_loss[-1]:.3f}")
-        print(f"speedup: {hf_time / jax_time:.2f}x (epoch wall time, JAX compilation included), "
+        print(f"speedup: {hf_time / jax_time:.2f}x (training wall time, JAX compilation included), "
               f"{hf_time / (jax_time - compile_time[0]):.2f}x (compilation excluded)")
+    if args.dev:
+        dev = ft.read_glue_file(task, os.path.join(args.glue_dir, task.dev[0].file), True)
+        dev_enc = ft.encode(tok, dev, args.max_len)
+        logits = ft.predict(jax.jit(lambda p, t, y, m: net.apply(p, None, t, y, m, False)), state[0], dev_enc,
+                            128, args.pad_multiple)
+        print(f"dev accuracy ({len(dev.labels)} rows): finetune.py {np.mean(logits.argmax(-1) == dev.labels):.4f}",
+              flush=True)
+        if hf is not None:
+            hf_net.eval()
+            with torch.no_grad():
+                hf_logits = []
+                for idx in np.array_split(np.arange(len(dev.labels)), 16):
+                    ids, types, mask = hf_batch(dev_enc, idx, id_map)
+                    hf_logits.append(hf_net(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.numpy())
+                hf_logits = np.concatenate(hf_logits)
+            print(f"dev accuracy: transformers {np.mean(hf_logits.argmax(-1) == dev.labels):.4f}")
 
 
 if __name__ == "__main__":
