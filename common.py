@@ -5,9 +5,11 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import urllib.parse
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -61,6 +63,21 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: str, tmp: str):
+    """Build a folder under the name tmp (yielded), then fsync it and rename it to final; on any failure, tmp is
+    removed and final is untouched, so a reader never sees a half-written folder."""
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(os.path.dirname(os.path.abspath(final)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_json(path: str, obj) -> None:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 from tokenizers import AddedToken, models, normalizers
@@ -431,19 +430,11 @@ def export_hf(ckpt_dir: str, out_dir: str) -> str:
 
     from safetensors.numpy import save_file
 
-    tmp = f"{out_dir}.tmp.{os.getpid()}"
-    try:
-        os.makedirs(tmp)
+    with common.atomic_dir(out_dir, f"{out_dir}.tmp.{os.getpid()}") as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         common.atomic_write_json(os.path.join(tmp, "config.json"), config)
         common.atomic_write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
-        common.fsync_dir(tmp)
-        os.rename(tmp, out_dir)
-        common.fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return architecture
 
 

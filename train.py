@@ -450,18 +450,10 @@ def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], to
     final = os.path.join(out_dir, f"ckpt_{state['step']:08d}")
     if os.path.isdir(final):  # this step is already saved (e.g. a resumed run stopped at once): same contents
         return final
-    tmp = os.path.join(out_dir, f"{TMP_PREFIX}{state['step']:08d}.{os.getpid()}")
-    try:
-        os.makedirs(tmp)
+    with common.atomic_dir(final, os.path.join(out_dir, f"{TMP_PREFIX}{state['step']:08d}.{os.getpid()}")) as tmp:
         write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
         common.atomic_write_json(os.path.join(tmp, "state.json"), state)
-        common.fsync_dir(tmp)
-        os.rename(tmp, final)
-        common.fsync_dir(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     complete = sorted(name for name in os.listdir(out_dir) if CKPT_RE.match(name))
     for name in complete[:-keep]:  # renamed first, so that a half-deleted folder never looks complete
         os.rename(os.path.join(out_dir, name), os.path.join(out_dir, f"{TMP_PREFIX}old.{name}"))
