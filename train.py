@@ -603,8 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         print(f"model {args.init_hf or args.model} {cfg}: {n_params / 1e6:.2f}M params, "
               f"{flops_per_token / 1e6:.1f} MFLOP/token{' (decoding all positions)' if args.decode_all else ''}; "
-              f"{precision}; {num_devices} devices x {micro} sequences "
-              f"per microbatch; "
+              f"{precision}; {num_devices} devices x {micro} sequences per microbatch; "
               f"peak {peak / 1e12:.2f} TFLOP/s/device{' (measured matmul)' if not args.peak_flops else ''}; "
               f"{start_from} at step {step}", flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
