@@ -105,7 +105,7 @@ def load_tokenizer(path: str):
 # Document sources shared by tokenizer.py and data.py: local files (plain text, JSON lines, WikiExtractor output)
 # or a dataset streamed from the Hugging Face Hub.
 
-DEFAULT_NUM_DOCS = 50000
+DEFAULT_HUB_DOCS = 10000  # the quick start's slice of Wikipedia (local files are read whole by default)
 DEFAULT_HF_DATASET, DEFAULT_HF_CONFIG, DEFAULT_HF_SPLIT = "wikimedia/wikipedia", "20231101.en", "train"
 FORMATS = ("auto", "text", "jsonl", "wikiextractor")
 
@@ -121,8 +121,9 @@ def add_source_args(parser) -> None:
     g.add_argument("--format", default="auto", choices=FORMATS,
                    help="format of --text_files; auto sniffs each file's first line "
                         "('<doc ' = wikiextractor, '{' = jsonl, else text) (default: auto)")
-    g.add_argument("--num_docs", type=int, default=DEFAULT_NUM_DOCS,
-                   help=f"use at most this many documents, from any source; 0 = all (default: {DEFAULT_NUM_DOCS})")
+    g.add_argument("--num_docs", type=int,
+                   help=f"use at most this many documents; 0 = all (default: all of --text_files, the first "
+                        f"{DEFAULT_HUB_DOCS} from the Hub)")
     g.add_argument("--hf_dataset", default=DEFAULT_HF_DATASET,
                    help=f"Hub dataset streamed when no --text_files are given (default: {DEFAULT_HF_DATASET})")
     g.add_argument("--hf_config", default=DEFAULT_HF_CONFIG, help=f"its config (default: {DEFAULT_HF_CONFIG})")
@@ -135,17 +136,20 @@ def documents_from_args(args, stats: dict):
                           hf_config=args.hf_config, hf_split=args.hf_split, stats=stats)
 
 
-def iter_documents(text_files=None, fmt: str = "auto", num_docs: int = DEFAULT_NUM_DOCS,
+def iter_documents(text_files=None, fmt: str = "auto", num_docs: int | None = None,
                    hf_dataset: str = DEFAULT_HF_DATASET, hf_config: str | None = DEFAULT_HF_CONFIG,
                    hf_split: str = DEFAULT_HF_SPLIT, stats: dict | None = None) -> Iterator[str]:
     """Documents (non-empty strings) from local files (text_files: globs) or, when none are given, from the Hub.
 
     Mistakes are found at call time, before any document is read: a glob matching nothing, a path that is not a
-    readable file, an unreachable Hub. Undecodable bytes are replaced by U+FFFD, never fatal. If stats (a dict) is
+    readable file, an unreachable Hub. num_docs: at most this many (0 = all; None = all local files, or the first
+    DEFAULT_HUB_DOCS from the Hub). Undecodable bytes are replaced by U+FFFD, never fatal. If stats (a dict) is
     given it is filled in as reading goes: docs, bytes (of text read), replaced_bytes, sources (list of names).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if num_docs is None:
+        num_docs = 0 if text_files else DEFAULT_HUB_DOCS
     if num_docs < 0:
         raise UserError(f"--num_docs must be >= 0 (0 = all), got {num_docs}")
     stats = {} if stats is None else stats

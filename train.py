@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 32768)")
 
     g = p.add_argument_group("optimiser (AdamW; no weight decay on biases and LayerNorm)")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: 5e-4)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     g.add_argument("--warmup_frac", type=float, default=0.06,
                    help="linear warmup from 0 to --lr over this fraction of --max_tokens (default: 0.06)")
     g.add_argument("--final_lr_frac", type=float, default=0.0,
@@ -130,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip gradients to this global norm; 0 = no clipping (default: 1.0)")
 
     g = p.add_argument_group("batch and length")
-    g.add_argument("--max_tokens", type=parse_count, default=parse_count("100M"),
-                   help="train on this many tokens (sequences x seq_len); suffixes k/M/B (default: 100M)")
-    g.add_argument("--batch_size", type=int, default=256, help="global batch size in sequences (default: 256)")
+    g.add_argument("--max_tokens", type=parse_count, default=parse_count("2M"),
+                   help="train on this many tokens (sequences x seq_len); suffixes k/M/B (default: 2M, the "
+                        "quick start: about 10 minutes of mini on a 2-core CPU)")
+    g.add_argument("--batch_size", type=int, default=64, help="global batch size in sequences (default: 64)")
     g.add_argument("--batch_size_start", type=int,
-                   help="ramp the batch size linearly from this to --batch_size (default: no ramp)")
+                   help="ramp the batch size linearly from this to --batch_size; 0 = no ramp (default: 32, or "
+                        "--batch_size if smaller)")
     g.add_argument("--batch_warmup_frac", type=float, default=0.1,
                    help="the batch-size ramp spans this fraction of --max_tokens (default: 0.1)")
     g.add_argument("--micro_batch_size", type=int,
@@ -143,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "of micro_batch_size x devices (default: the starting batch over the devices)")
 
     g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval_every", type=parse_count, default=parse_count("10M"),
-                   help="evaluate every this many tokens, and at the end; 0 = only at the end (default: 10M)")
+    g.add_argument("--eval_every", type=parse_count, default=parse_count("1M"),
+                   help="evaluate every this many tokens, and at the end; 0 = only at the end (default: 1M)")
     g.add_argument("--eval_windows", type=int, default=512,
                    help="evaluate MLM loss and accuracy on this many fixed windows of val.bin, with fixed masks; "
                         "0 = no evaluation (default: 512)")
     g.add_argument("--log_every", type=int, default=50, help="print a line every this many steps (default: 50)")
-    g.add_argument("--ckpt_every", type=parse_count, default=parse_count("25M"),
-                   help="checkpoint every this many tokens, and at the end; 0 = only at the end (default: 25M)")
+    g.add_argument("--ckpt_every", type=parse_count, default=parse_count("1M"),
+                   help="checkpoint every this many tokens, and at the end; 0 = only at the end (default: 1M)")
     g.add_argument("--keep_ckpts", type=int, default=3, help="keep the last this many checkpoints (default: 3)")
     g.add_argument("--peak_flops", type=float, default=0.0,
                    help="peak FLOP/s of one device, for MFU; 0 = measure a dense matmul in the compute dtype at "
@@ -196,6 +198,13 @@ def lr_at(tokens: float, *, peak: float, max_tokens: int, warmup_frac: float, fi
     if anneal == "cos":
         return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak + (final - peak) * progress
+
+
+def ramp_start(args: argparse.Namespace) -> int:
+    """The batch size the ramp starts from (--batch_size_start; 0 = no ramp)."""
+    if args.batch_size_start is None:
+        return min(32, args.batch_size)
+    return args.batch_size_start or args.batch_size
 
 
 def batch_size_at(tokens: float, *, start: int, end: int, ramp_tokens: float, multiple: int) -> int:
@@ -483,7 +492,7 @@ def check_config(args, num_devices: int) -> None:
             raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.lr <= 0 or args.eval_windows < 0 or args.grad_clip < 0 or args.weight_decay < 0:
         raise UserError("--lr must be > 0 and --eval_windows, --grad_clip, --weight_decay >= 0")
-    start = args.batch_size_start or args.batch_size
+    start = ramp_start(args)
     for flag, size in (("--batch_size", args.batch_size), ("--batch_size_start", start)):
         if size % num_devices:
             raise UserError(f"{flag} {size} does not divide among {num_devices} devices")
@@ -501,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_distributed(args)
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
     check_config(args, num_devices)
-    micro = args.micro_batch_size or (args.batch_size_start or args.batch_size) // num_devices
+    micro = args.micro_batch_size or ramp_start(args) // num_devices
     rows_per_micro = micro * num_devices  # global rows in one microbatch; batch sizes are multiples of it
 
     # Data and tokenizer: the data must have been made with this tokenizer (and the checkpoint's).
@@ -718,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         while tokens_seen < args.max_tokens and not stop_signal:
-            batch = batch_size_at(tokens_seen, start=args.batch_size_start or args.batch_size, end=args.batch_size,
+            batch = batch_size_at(tokens_seen, start=ramp_start(args), end=args.batch_size,
                                   ramp_tokens=args.batch_warmup_frac * args.max_tokens, multiple=rows_per_micro)
             before, after = tokens_seen, tokens_seen + batch * args.seq_len
             lr = lr_at(after, peak=args.lr, max_tokens=args.max_tokens, warmup_frac=args.warmup_frac,

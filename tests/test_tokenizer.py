@@ -174,6 +174,8 @@ def test_num_docs_cap_globs_and_dedup(tmp_path):
     assert len(docs) == 12 and len(stats["sources"]) == 3
     docs, stats = read([tmp_path / "f*.txt"], num_docs=5)
     assert docs == [f"doc 0 {j}" for j in range(4)] + ["doc 1 0"] and stats["docs"] == 5
+    docs, _ = read([tmp_path / "f*.txt"])  # the default: every document of the given files
+    assert len(docs) == 12
 
 
 def test_bad_paths_fail_at_call_time(tmp_path):
@@ -212,6 +214,9 @@ def test_hub_source_streams_the_text_field(monkeypatch):
     docs = list(common.iter_documents(None, num_docs=2, hf_dataset="d", hf_config="c", hf_split="s", stats=stats))
     assert docs == ["one", "two"] and calls == [("d", "c", "s", True)]
     assert stats["sources"] == ["hf:d/c[s]"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ({"text": f"doc {i}"} for i in range(10**6)))
+    docs = list(common.iter_documents(None, hf_dataset="d", hf_config="c", hf_split="s"))
+    assert len(docs) == common.DEFAULT_HUB_DOCS  # the default: a slice of the Hub corpus, not all of it
 
 
 # --- the command line ------------------------------------------------------------------------------------------
