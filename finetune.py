@@ -184,8 +184,21 @@ class Examples:
         return len(self.text_a)
 
     def head(self, n: int) -> "Examples":
-        return Examples(self.text_a[:n], None if self.text_b is None else self.text_b[:n],
-                        None if self.labels is None else self.labels[:n], self.index[:n], self.skipped, self.source)
+        return self.take(np.arange(min(n, len(self))))
+
+    def take(self, rows: np.ndarray, source: str | None = None) -> "Examples":
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return Examples(pick(self.text_a), None if self.text_b is None else pick(self.text_b),
+                        None if self.labels is None else self.labels[rows], pick(self.index), self.skipped,
+                        self.source if source is None else source)
+
+
+def split_holdout(train_set: Examples, fraction: float) -> tuple[Examples, Examples]:
+    """(train, held out): a fixed random `fraction` of the training rows (the same for every seed and run)."""
+    order = np.random.default_rng(0).permutation(len(train_set))
+    n_held = max(1, round(fraction * len(train_set)))
+    held, kept = np.sort(order[:n_held]), np.sort(order[n_held:])
+    return train_set.take(kept), train_set.take(held, f"{train_set.source} (held-out {fraction:g} of the rows)")
 
 
 def read_tsv(path: str, names: tuple[str, ...] = (), skip_bad_rows: bool = False):
@@ -295,11 +308,13 @@ def missing_files(task: Task, glue_dir: str, splits=None) -> list[str]:
     return [p for p in (os.path.join(glue_dir, s.file) for s in splits) if not os.path.isfile(p)]
 
 
-def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, require_test: bool = True):
+def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, require_test: bool = True,
+              holdout: float = 0.0):
     """-> (train, {dev suffix: Examples}, {submission file: Examples}).
 
-    A missing train or dev file is an error; so is a missing test file if require_test, else its submission is
-    not written (with a note). A missing diagnostic file (AX, predicted by the MNLI model) only skips AX.tsv.
+    A missing train or dev file is an error, except that with holdout > 0 a task without dev files is scored
+    on that fraction of its training rows, held out. A missing test file is an error if require_test, else its
+    submission is not written (with a note). A missing diagnostic file (AX, from the MNLI model) only skips AX.tsv.
     """
     if glue_dir is None:
         try:
@@ -311,14 +326,22 @@ def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, req
                 {s.submission: read_hub_split(task, s) for s in task.test})
     if not os.path.isdir(glue_dir):
         raise UserError(f"--glue_dir {glue_dir} is not a folder")
-    required = [task.train, *task.dev] + ([s for s in task.test if s.submission != AX_FILE] if require_test else [])
+    dev_missing = bool(missing_files(task, glue_dir, task.dev))
+    use_holdout = holdout > 0 and dev_missing
+    required = ([task.train] + ([] if use_holdout else list(task.dev))
+                + ([s for s in task.test if s.submission != AX_FILE] if require_test else []))
     missing = missing_files(task, glue_dir, required)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"missing GLUE file {missing[0]}{more}")
     path = lambda s: os.path.join(glue_dir, s.file)  # noqa: E731
     train_set = read_glue_file(task, path(task.train), True, skip_bad_rows)
-    dev = {s.suffix: read_glue_file(task, path(s), True, skip_bad_rows) for s in task.dev}
+    if use_holdout:
+        print(f"note: no {task.name} dev file: scoring on a held-out {holdout:g} of {path(task.train)}")
+        train_set, held = split_holdout(train_set, holdout)
+        dev = {task.dev[0].suffix: held}
+    else:
+        dev = {s.suffix: read_glue_file(task, path(s), True, skip_bad_rows) for s in task.dev}
     test = {}
     for s in task.test:
         if not os.path.isfile(path(s)) and (s.submission == AX_FILE or not require_test):
@@ -524,8 +547,10 @@ def load_init(args) -> Init:
         cfg = bert.make_config(args.model, tok.get_vocab_size(), **overrides)
         return Init(cfg, None, tok, {"from_scratch": True, "model": args.model, "tokenizer": args.tokenizer,
                                      "tokenizer_sha256": common.sha256_file(args.tokenizer)})
+    if not args.init and os.path.isdir(DEFAULT_INIT):
+        args.init = DEFAULT_INIT  # train.py's default --out_dir
     if not args.init:
-        raise UserError("give --init DIR (a train.py out_dir or ckpt_<step> folder) or --init_hf DIR (a Hugging Face "
+        raise UserError(f"no {DEFAULT_INIT}/ here (train.py's default output); give --init DIR (a train.py out_dir or ckpt_<step> folder) or --init_hf DIR (a Hugging Face "
                         "BERT folder) to finetune pretrained weights, or --from_scratch --tokenizer FILE --model "
                         "PRESET for random ones")
     if args.model:
@@ -784,6 +809,9 @@ def glue_table(medians: dict[str, dict[str, float]]) -> str:
 # CLI
 
 
+DEFAULT_INIT = "out"
+
+
 def _task_key(s: str) -> str:
     return s.lower().replace("-", "")  # accepts GLUE's spellings too: SST-2, STS-B, MNLI
 
@@ -795,11 +823,16 @@ def parse_args(argv=None):
                         "(AX, the diagnostic set, is predicted with the MNLI model)")
     p.add_argument("--glue_dir", help="read the GLUE TSV files from this folder (download_glue_data.py layout: "
                                       "DIR/SST-2/train.tsv, ...); default: the Hub dataset nyu-mll/glue")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="for a task whose --glue_dir copy has no dev file: score on this fraction of its training "
+                        "rows, held out from training (a fixed draw, the same for every seed); results then say "
+                        "so (default: 0 = a missing dev file is an error)")
     p.add_argument("--skip_bad_rows", action="store_true",
                    help="skip (and count) rows with the wrong number of fields instead of stopping")
     g = p.add_argument_group("start point")
     g.add_argument("--init", help="pretrained weights: a train.py out_dir (its newest checkpoint) or a "
-                                  "ckpt_<step> folder; its tokenizer.json and model config are used")
+                                  "ckpt_<step> folder; its tokenizer.json and model config are used (default: "
+                                  f"{DEFAULT_INIT}, train.py's default --out_dir, unless --init_hf/--from_scratch)")
     g.add_argument("--init_hf", metavar="DIR",
                    help="pretrained weights of a Hugging Face BERT folder (config.json, model.safetensors, "
                         "tokenizer.json or vocab.txt; see hf.py), with its tokenizer converted")
@@ -841,6 +874,8 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= {low}")
     if args.lr is not None and not args.lr > 0:
         p.error("--lr must be > 0")
+    if not 0 <= args.holdout < 1:
+        p.error("--holdout must be in [0, 1)")
     if not 0 <= args.warmup < 1:
         p.error("--warmup must be in [0, 1)")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -853,11 +888,11 @@ def load_for_run(task: Task, args, init: Init, required: bool) -> TaskData | Non
     """Read and tokenise a task. required=False (--task all): a task lacking train or dev data is skipped
     (None) and one lacking test data runs without writing its submission file, each with a note."""
     if not required and args.glue_dir is not None:
-        missing = missing_files(task, args.glue_dir)
+        missing = missing_files(task, args.glue_dir, [task.train] + ([] if args.holdout else list(task.dev)))
         if missing:
             print(f"note: skipping {task.name}: missing " + ", ".join(missing))
             return None
-    train_set, dev, test = load_task(task, args.glue_dir, args.skip_bad_rows, require_test=required)
+    train_set, dev, test = load_task(task, args.glue_dir, args.skip_bad_rows, required, args.holdout)
     if args.max_train_examples:
         train_set = train_set.head(args.max_train_examples)
     return encode_task(init.tokenizer, train_set, dev, test, args.max_len)

@@ -144,6 +144,19 @@ def test_cola_headerless_train_dev_and_missing_final_newline(tmp_path):
     assert test["CoLA.tsv"].text_a == ["Bill whistled.", "The car honked."] and test["CoLA.tsv"].index == ["0", "1"]
 
 
+def test_holdout_scores_a_task_without_dev_on_fixed_held_out_training_rows(tmp_path):
+    write(tmp_path / "SST-2/train.tsv", "sentence\tlabel\n" + "".join(f"film {i}\t{i % 2}\n" for i in range(50)))
+    with pytest.raises(UserError, match="missing GLUE file .*dev.tsv"):
+        ft.load_task(ft.TASKS["sst2"], str(tmp_path), require_test=False)
+    train_set, dev, _ = ft.load_task(ft.TASKS["sst2"], str(tmp_path), require_test=False, holdout=0.2)
+    again, dev_again, _ = ft.load_task(ft.TASKS["sst2"], str(tmp_path), require_test=False, holdout=0.2)
+    assert len(train_set) == 40 and len(dev[""]) == 10 and dev[""].text_a == dev_again[""].text_a
+    assert not set(train_set.text_a) & set(dev[""].text_a) and again.text_a == train_set.text_a
+    assert sorted(train_set.text_a + dev[""].text_a) == sorted(f"film {i}" for i in range(50))
+    assert all(int(t.split()[1]) % 2 == y for t, y in zip(dev[""].text_a, dev[""].labels))  # labels follow rows
+    assert "held-out 0.2" in dev[""].source
+
+
 def test_mrpc_bom_and_columns(tmp_path):
     header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
     row = "1\t702876\t702977\tAmrozi called \"the witness\", of it.\tReferring to him as \"the witness\".\n"
@@ -319,6 +332,14 @@ def save_ckpt(out_dir, tok_path, vocab_size, with_tokenizer=True):
     return folder, params
 
 
+def test_init_defaults_to_train_py_default_out_dir(tmp_path, tok_path, monkeypatch):
+    vocab = load_tokenizer(tok_path).get_vocab_size()
+    folder, _ = save_ckpt(tmp_path / "out", tok_path, vocab)
+    monkeypatch.chdir(tmp_path)
+    init = ft.load_init(ft.parse_args(["--task", "rte"]))
+    assert init.cfg.vocab_size == vocab and init.pretrained is not None
+
+
 def test_init_from_checkpoint_keeps_encoder_and_adds_head(tmp_path, tok_path):
     vocab = load_tokenizer(tok_path).get_vocab_size()
     folder, ckpt_params = save_ckpt(tmp_path / "run", tok_path, vocab)
@@ -408,14 +429,14 @@ def cli_errors(tmp_path_factory, tok_path):
                          "has no tokenizer.json"),
         "vocab mismatch": (["--task", "sst2", "--glue_dir", str(d / "ok"), "--init", str(d / "ckpt"), "--tokenizer",
                             str(other_tok)], "tokens but checkpoint"),
-        "no init": (["--task", "sst2", "--glue_dir", str(d / "ok")], "give --init DIR"),
+        "no init": (["--task", "sst2", "--glue_dir", str(d / "ok")], "no out/ here"),
         "scratch needs model": (["--task", "sst2", "--glue_dir", str(d / "ok"), "--from_scratch", "--tokenizer",
                                  tok_path], "--from_scratch needs"),
         "no hub": (["--task", "wnli"] + scratch, "--glue_dir"),
     }
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
     procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), *argv,
-                                     "--out_dir", str(d / "out")],
+                                     "--out_dir", str(d / "results")],  # no d/out: --init's default
                                     cwd=str(d), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (argv, _) in cases.items()}
     results = {name: (p.wait(timeout=120), p.stderr.read()) for name, p in procs.items()}
