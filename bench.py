@@ -13,6 +13,7 @@ them. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
 import argparse
 import ctypes
 import ctypes.util
+import os
 import sys
 import time
 from typing import Callable
@@ -36,6 +37,8 @@ def keep_freed_memory() -> bool:
 
 
 MALLOC_TUNED = "--no-malloc_tuning" not in sys.argv and keep_freed_memory()  # before JAX is imported
+# On a GPU, JAX would take 75% of its memory at start-up and leave transformers' PyTorch too little.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -126,10 +129,12 @@ class OurRunner:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# transformers' BertForMaskedLM (PyTorch, CPU)
+# transformers' BertForMaskedLM (PyTorch)
 
 class HFRunner:
-    def __init__(self, cfg, batch_size, seq_len, mask_rate, dropout):
+    """transformers on PyTorch's CPU build, or on CUDA (with autocast to bf16/fp16) when torch sees a GPU."""
+
+    def __init__(self, cfg, batch_size, seq_len, mask_rate, dropout, precision="fp32"):
         try:
             import torch
             import transformers
@@ -142,7 +147,11 @@ class HFRunner:
             num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
             max_position_embeddings=cfg.max_position, hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout)
-        self.model = transformers.BertForMaskedLM(hf_config).train()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.autocast = torch.autocast(self.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            precision, torch.float32), enabled=precision != "fp32")
+        self.scaler = torch.amp.GradScaler(self.device, enabled=precision == "fp16")
+        self.model = transformers.BertForMaskedLM(hf_config).to(self.device).train()
         self.attention = self.model.config._attn_implementation
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
         # The same masking as ours (done outside the timed step: it is cheap either way).
@@ -152,17 +161,22 @@ class HFRunner:
                                                           cfg.vocab_size)
         labels = np.full(tokens.shape, -100)
         np.put_along_axis(labels, np.asarray(positions), np.asarray(targets), axis=1)
-        self.inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.long)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.long, device=self.device)
+        self.labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        self.torch = torch
         self.run(1)  # warm up
 
     def run(self, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            loss = self.model(input_ids=self.inputs, labels=self.labels).loss
-            loss.backward()
-            self.optimizer.step()
+            with self.autocast:
+                loss = self.model(input_ids=self.inputs, labels=self.labels).loss
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
         return time.perf_counter() - start
 
 
@@ -232,9 +246,10 @@ def main():
     runners = {"peak": peak_runner, "ours": OurRunner(cfg, B, T, args.mask_rate).run}
     if compare_hf:
         import torch
-        print(f"transformers: torch {torch.__version__} with {torch.get_num_threads()} threads")
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} threads"
+        print(f"transformers: torch {torch.__version__} on {where}")
         for dropout in hf_dropouts:
-            hf = HFRunner(cfg, B, T, args.mask_rate, dropout)
+            hf = HFRunner(cfg, B, T, args.mask_rate, dropout, args.precision)
             runners[f"transformers dropout {dropout}"] = hf.run
         print(f"transformers attention implementation: {hf.attention}")
     cpu = {}

@@ -1,7 +1,11 @@
 """Shared fixtures: a tiny synthetic corpus and a tokenizer trained on it (seconds, no downloads)."""
 import random
 
+import jax
 import pytest
+
+# The float32 reference checks need float32 matmuls; on a GPU XLA would use TF32 (about 1e-3 off). No-op on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 _WORDS = ("the of and to in was is for on that with as by at from his her it an are were be this which or "
           "river city school music player team season history village station church family language game "
