@@ -147,11 +147,11 @@ def eval_rows(scalars: dict[str, dict[int, float]]) -> list[dict]:
 
 
 def format_count(n: float) -> str:
-    """1234 -> 1.2k, 12_345_678 -> 12.35M, 3e9 -> 3.00B."""
+    """571.1 -> 571, 1234 -> 1.2k, 12_345_678 -> 12.35M, 3e9 -> 3.00B."""
     for scale, suffix, digits in ((1e9, "B", 2), (1e6, "M", 2), (1e3, "k", 1)):
         if abs(n) >= scale:
             return f"{n / scale:.{digits}f}{suffix}"
-    return f"{n:g}"
+    return f"{n:.0f}"
 
 
 def markdown_table(rows: list[dict]) -> str:

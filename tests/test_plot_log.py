@@ -120,3 +120,7 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
         common.run_main(lambda: plot_log.main([str(tmp_path)]))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and BAD_INPUTS[case] in err[0]
+
+
+def test_format_count_rounds_small_rates_and_scales_large_ones():
+    assert [plot_log.format_count(n) for n in (571.101, 1234, 12_345_678, 3e9)] == ["571", "1.2k", "12.35M", "3.00B"]
