@@ -316,6 +316,16 @@ def test_schedule_warmup_then_linear_decay():
     assert ft.lr_at(0, 1e-3, 100, 0) == pytest.approx(1e-3)  # no warmup: decay from the first step
 
 
+def test_default_lr_is_higher_for_narrow_models():
+    sst2, cola = ft.TASKS["sst2"], ft.TASKS["cola"]
+    for preset in ("tiny", "mini"):
+        cfg = model.make_config(preset, 100)
+        assert ft.default_lr(sst2, cfg) == ft.default_lr(cola, cfg) == 2e-4
+    for preset in ("small", "base"):
+        cfg = model.make_config(preset, 100)
+        assert (ft.default_lr(sst2, cfg), ft.default_lr(cola, cfg)) == (3e-5, 5e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: the encoder comes from the checkpoint, the head is new
 
