@@ -126,6 +126,17 @@ def _gelu(x):
     return jax.nn.gelu(x, approximate=False)  # exact (erf) GELU, as in BERT
 
 
+def sinusoidal_positions(max_position: int, hidden_size: int, std: float = 0.02):
+    """[P, H] sine/cosine table (Vaswani et al.) scaled to standard deviation `std`, an initial value for the
+    learned position embeddings: position p+k is a fixed rotation of position p, so attention to a neighbour at a
+    fixed offset is a linear map from the start instead of something to learn for every position."""
+    position = jnp.arange(max_position, dtype=jnp.float32)[:, None]  # [P, 1]
+    frequency = jnp.exp(-math.log(10000.0) * jnp.arange(0, hidden_size, 2, dtype=jnp.float32) / hidden_size)
+    angle = position * frequency  # [P, H/2]
+    table = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(max_position, -1)[:, :hidden_size]
+    return table * (std / jnp.std(table))  # [P, H]
+
+
 def _embeddings(cfg: BertConfig, tokens, token_types, is_training):
     """Returns the summed embeddings [B, T, H] (float32) and the word embedding table [V, H] for tying."""
     T = tokens.shape[1]

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--model and the shape flags do not apply) and its converted tokenizer (--tokenizer does "
                         "not apply); --data_dir must be made with that tokenizer: python hf.py --tokenizer DIR "
                         "tok.json, then python data.py --tokenizer tok.json")
+    g.add_argument("--position_init", choices=["normal", "sinusoidal"], default="normal",
+                   help="initial position embeddings: BERT's truncated normal (std 0.02), or a sine/cosine table "
+                        "with the same std, which makes attention by relative offset easy to learn from the "
+                        "start; the embeddings are learned either way (default: normal)")
     g.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default: 0.0)")
     g.add_argument("--seq_len", type=int, default=128, help="tokens per training window (default: 128)")
     g.add_argument("--mask_rate", type=float, default=0.15,
@@ -241,9 +245,12 @@ def make_optimizer(args) -> optax.GradientTransformation:
                                           weight_decay=args.weight_decay, mask=decay_mask))
 
 
-def init_state(net, tx, key, *, seq_len: int, num_masked: int) -> dict:
+def init_state(net, tx, key, *, seq_len: int, num_masked: int, position_init: str = "normal") -> dict:
     """Fresh params and optimiser state (the loss scale is added by the caller)."""
     params = net.init(key, jnp.zeros((1, seq_len), jnp.int32), jnp.zeros((1, num_masked), jnp.int32))
+    if position_init == "sinusoidal":
+        table = params["bert/embeddings/position"]["embeddings"]  # [P, H]
+        params["bert/embeddings/position"]["embeddings"] = bert.sinusoidal_positions(*table.shape)
     return dict(params=params, opt_state=tx.init(params))
 
 
@@ -568,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     root_key = jax.random.PRNGKey(args.seed)
     init_key, train_key, eval_key = (jax.random.fold_in(root_key, i) for i in range(3))
 
-    init = partial(init_state, net, tx, seq_len=args.seq_len, num_masked=num_masked)
+    init = partial(init_state, net, tx, seq_len=args.seq_len, num_masked=num_masked,
+                   position_init=args.position_init)
     if resumed:
         arrays = read_arrays(resumed["path"])
         template = jax.eval_shape(init, init_key)
