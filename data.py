@@ -286,13 +286,17 @@ class TokenReader:
         self.tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=self.meta["dtype"], mode="r",
                                 shape=(self.num_tokens,))
 
-    def batch(self, step: int, batch_size: int) -> np.ndarray:
-        """[batch_size, seq_len] int32 windows starting at offsets drawn from default_rng([seed, step])."""
+    def batch(self, step: int, batch_size: int, seq_len: int | None = None) -> np.ndarray:
+        """[batch_size, T] int32 windows (T = seq_len, default the reader's) starting at offsets drawn from
+        default_rng([seed, step])."""
+        T = seq_len or self.seq_len
+        if not 1 <= T <= self.num_tokens - 1:
+            raise UserError(f"windows of {T} tokens do not fit split {self.split} ({self.num_tokens} tokens)")
         rng = np.random.default_rng([self.seed, step])
-        offsets = rng.integers(0, self.num_tokens - self.seq_len + 1, size=batch_size)  # [B]
-        out = np.empty((batch_size, self.seq_len), dtype=np.int32)  # [B, T]
+        offsets = rng.integers(0, self.num_tokens - T + 1, size=batch_size)  # [B]
+        out = np.empty((batch_size, T), dtype=np.int32)  # [B, T]
         for row, offset in enumerate(offsets):
-            out[row] = self.tokens[offset:offset + self.seq_len]
+            out[row] = self.tokens[offset:offset + T]
         return out
 
 

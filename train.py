@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "start; the embeddings are learned either way (default: normal)")
     g.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default: 0.0)")
     g.add_argument("--seq_len", type=int, default=128, help="tokens per training window (default: 128)")
+    g.add_argument("--seq_len_start", type=int,
+                   help="sequence-length warmup: train on windows of this length first, doubling up to --seq_len "
+                        "in equal stages over --seq_warmup_frac of --max_tokens, with the same tokens per step "
+                        "(more, shorter windows); --seq_len / --seq_len_start must be a power of 2 (default: "
+                        "--seq_len, no warmup)")
+    g.add_argument("--seq_warmup_frac", type=float, default=0.5,
+                   help="the sequence-length warmup spans this fraction of --max_tokens (default: 0.5)")
     g.add_argument("--mask_rate", type=float, default=0.15,
                    help="fraction of each window's positions predicted, round(mask_rate*seq_len) per row "
                         "(default: 0.15)")
@@ -218,6 +225,14 @@ def batch_size_at(tokens: float, *, start: int, end: int, ramp_tokens: float, mu
     exact = start + (end - start) * tokens / ramp_tokens
     rounded = multiple * math.floor(exact / multiple + 0.5)
     return int(min(max(rounded, min(start, end)), max(start, end)))
+
+
+def seq_len_at(tokens: float, *, start: int, end: int, warmup_tokens: float) -> int:
+    """Window length: start, 2*start, ... in equal token stages over warmup_tokens, then end."""
+    if start >= end or tokens >= warmup_tokens:
+        return end
+    stages = round(math.log2(end // start))  # the lengths below end
+    return start * 2 ** int(tokens * stages / warmup_tokens)
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -507,6 +522,12 @@ def check_config(args, num_devices: int) -> None:
     for flag, size in (("--batch_size", args.batch_size), ("--batch_size_start", start)):
         if micro < 1 or size % (micro * num_devices):
             raise UserError(f"{flag} {size} is not a multiple of --micro_batch_size {micro} x {num_devices} devices")
+    short = args.seq_len_start or args.seq_len
+    ratio = args.seq_len // short if short > 0 else 0
+    if short < 1 or args.seq_len % short or ratio & (ratio - 1):
+        raise UserError(f"--seq_len {args.seq_len} must be --seq_len_start {args.seq_len_start} times a power of 2")
+    if not 0.0 <= args.seq_warmup_frac <= 1.0:
+        raise UserError(f"--seq_warmup_frac must be in [0, 1], got {args.seq_warmup_frac}")
     if args.max_tokens < start * args.seq_len:
         raise UserError(f"--max_tokens {args.max_tokens} is less than one batch ({start} x {args.seq_len} tokens)")
 
@@ -614,7 +635,10 @@ def main(argv: list[str] | None = None) -> dict:
         return dict(loss=loss_sum / total, accuracy=correct / total)
 
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    flops_per_token = bert.flops_per_token(cfg, args.seq_len, args.mask_rate, 1.0 if args.decode_all else None)
+    def flops_at(length: int) -> float:
+        return bert.flops_per_token(cfg, length, args.mask_rate, 1.0 if args.decode_all else None)
+
+    flops_per_token = flops_at(args.seq_len)
     peak = args.peak_flops or measure_peak_flops(policy.compute_dtype, 512 if jax.default_backend() == "cpu" else 8192)
     start_from = f"resuming from {resumed['path']}" if resumed else f"from {args.init_hf or 'scratch'}"
     if is_main:
@@ -664,7 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal skipped
         if not pending:
             return
-        at_step, at_tokens, batch, lr, metrics = pending.pop()
+        at_step, at_tokens, batch, length, lr, metrics = pending.pop()
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not m["finite"]:
             if precision != "fp16":
@@ -690,12 +714,12 @@ def main(argv: list[str] | None = None) -> dict:
         if at_step % args.log_every == 0 or at_tokens >= args.max_tokens:
             seconds = now - window["start"]
             tok_s = (at_tokens - window["tokens"]) / seconds if seconds > 0 else 0.0
-            mfu = tok_s * flops_per_token / (peak * num_devices)
+            mfu = tok_s * flops_at(length) / (peak * num_devices)
             loss = np.mean(window["losses"]) if window["losses"] else float("nan")
             acc = np.mean(window["accs"]) if window["accs"] else float("nan")
             speed = f"{tok_s / 1e3:.1f}k tok/s | mfu {mfu:.1%}" if tok_s > 0 else "first step"
             line = (f"step {at_step} | tokens {at_tokens / 1e6:.2f}M | loss {loss:.4f} | acc {acc:.3f} | "
-                    f"lr {lr:.2e} | batch {batch} | gnorm {m['grad_norm']:.3f} | {speed}")
+                    f"lr {lr:.2e} | batch {batch}{'' if length == args.seq_len else f' (x{args.seq_len // length} of {length})'} | gnorm {m['grad_norm']:.3f} | {speed}")
             if precision == "fp16":
                 line += f" | scale {m['loss_scale']:g} | skipped {skipped}"
             if is_main:
@@ -737,15 +761,18 @@ def main(argv: list[str] | None = None) -> dict:
         while tokens_seen < args.max_tokens and not stop_signal:
             batch = batch_size_at(tokens_seen, start=ramp_start(args), end=args.batch_size,
                                   ramp_tokens=args.batch_warmup_frac * args.max_tokens, multiple=rows_per_micro)
+            length = seq_len_at(tokens_seen, start=args.seq_len_start or args.seq_len, end=args.seq_len,
+                                warmup_tokens=args.seq_warmup_frac * args.max_tokens)
             before, after = tokens_seen, tokens_seen + batch * args.seq_len
             lr = lr_at(after, peak=args.lr, max_tokens=args.max_tokens, warmup_frac=args.warmup_frac,
                        final_frac=args.final_lr_frac, anneal=args.anneal)
-            tokens = shard_rows(reader.batch(step, batch), mesh)  # [B, T]
+            # The same tokens per step at every length: batch x seq_len/length windows of `length` tokens.
+            tokens = shard_rows(reader.batch(step, batch * (args.seq_len // length), length), mesh)  # [B', T']
             state, metrics = train_step(state, tokens, np.int32(step), np.float32(lr), train_key,
                                         accum_steps=batch // rows_per_micro)
             step, tokens_seen = step + 1, after
             report()
-            pending.append((step, tokens_seen, batch, lr, metrics))
+            pending.append((step, tokens_seen, batch, length, lr, metrics))
             bar.update(min(after, args.max_tokens) - min(before, args.max_tokens))
             if jax.process_count() > 1:  # every process must stop at the same step
                 from jax.experimental import multihost_utils
