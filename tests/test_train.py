@@ -172,6 +172,23 @@ def test_batch_size_schedule_rounds_and_bounds_recompiles():
     assert train.batch_size_at(50, start=64, end=16, ramp_tokens=100, multiple=16) == 48  # ramping down works too
 
 
+def test_sequence_length_warmup_doubles_in_equal_stages():
+    at = lambda tokens: train.seq_len_at(tokens, start=16, end=128, warmup_tokens=300)
+    assert [at(t) for t in (0, 99, 100, 199, 200, 299, 300, 10**6)] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert train.seq_len_at(0, start=128, end=128, warmup_tokens=300) == 128  # no warmup
+    assert train.seq_len_at(0, start=16, end=128, warmup_tokens=0) == 128
+
+
+def test_sequence_length_warmup_trains_on_short_windows_with_the_same_tokens_per_step(corpus, cache_dir, tmp_path):
+    h = train.main(run_flags(corpus, tmp_path, "--seq_len_start", "8", "--seq_warmup_frac", "0.5",
+                             "--batch_size_start", "16", "--micro_batch_size", "16", "--max_tokens", "8192"))
+    assert len(h["loss"]) == 8192 // STEP_TOKENS and all(np.isfinite(h["loss"]))  # 16 x 32 tokens every step
+    reader = data.TokenReader(corpus["data"], "train", SEQ_LEN, 0)
+    assert reader.batch(3, 64, 8).shape == (64, 8)
+    offsets = np.random.default_rng([0, 3]).integers(0, reader.num_tokens - 8 + 1, size=2)
+    assert (reader.batch(3, 2, 8) == [reader.tokens[o:o + 8] for o in offsets]).all()  # contiguous windows
+
+
 def test_token_counts_and_intervals():
     assert [train.parse_count(s) for s in ("500k", "10M", "1.5B", "1e6", "1_000", "42")] == \
         [500_000, 10_000_000, 1_500_000_000, 1_000_000, 1000, 42]
@@ -408,6 +425,7 @@ BAD_INPUTS = {  # name: (extra flags with {corpus} fields, expected message, dev
                                       "among 2 devices", 2, True),
     "seq_len_above_max_position": (["--seq_len", "600"], "max_position", 1, False),
     "max_tokens_too_small": (["--max_tokens", "100"], "less than one batch", 1, False),
+    "seq_len_start_not_a_power_of_2_below": (["--seq_len_start", "12"], "times a power of 2", 1, False),
     "resume_without_checkpoint": (["--resume"], "no complete checkpoint", 1, False),
 }
 
