@@ -17,6 +17,8 @@ from tqdm import tqdm
 import common
 from common import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UserError
 
+MAX_VOCAB_SIZE = 1 << 20  # the trainer reserves ~70 bytes per token up front; 4x the largest common vocabularies
+
 
 def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) -> Tokenizer:
     """An (untrained if vocab is None) BERT WordPiece tokenizer; vocab must hold SPECIAL_TOKENS at ids 0..4."""
@@ -34,14 +36,22 @@ def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) ->
     return tok
 
 
+def check_settings(vocab_size: int, min_frequency: int, limit_alphabet: int) -> None:
+    """The trainer's ranges (outside them it aborts or overflows), checked before any document is read."""
+    for flag, value, low, high in (("vocab_size", vocab_size, len(SPECIAL_TOKENS) + 1, MAX_VOCAB_SIZE),
+                                   ("min_frequency", min_frequency, 0, 2**32 - 1),
+                                   ("limit_alphabet", limit_alphabet, 1, 2**32 - 1)):
+        if not low <= value <= high:
+            raise UserError(f"--{flag} must be in [{low}, {high}], got {value}")
+
+
 def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = False, min_frequency: int = 2,
                     limit_alphabet: int = 1000, batch_docs: int = 1000, show_progress: bool = False) -> Tokenizer:
     """Train a WordPiece vocabulary on documents (streamed in batches: memory does not grow with their number).
 
     The vocabulary can come out smaller than vocab_size when the corpus is small.
     """
-    if vocab_size <= len(SPECIAL_TOKENS):
-        raise UserError(f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    check_settings(vocab_size, min_frequency, limit_alphabet)
     tok = build_tokenizer(cased=cased)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, limit_alphabet=limit_alphabet,
@@ -78,8 +88,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer (default: tokenizer.json)")
     p.add_argument("--vocab_size", type=int, default=32768,
-                   help="vocabulary size including the 5 special tokens (default: 32768, a multiple of 128 so the "
-                        "embedding and output matrices tile evenly on GPU/TPU matrix units)")
+                   help=f"vocabulary size including the 5 special tokens, at most {MAX_VOCAB_SIZE} (default: 32768, "
+                        "a multiple of 128 so the embedding and output matrices tile evenly on GPU/TPU matrix units)")
     p.add_argument("--cased", action="store_true",
                    help="keep case and accents (default: lowercase and strip accents, like bert-base-uncased)")
     p.add_argument("--min_frequency", type=int, default=2,
@@ -89,6 +99,7 @@ def main() -> None:
     common.add_source_args(p)
     args = p.parse_args()
 
+    check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write {args.out}: folder {out_dir} does not exist")
