@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import re
@@ -314,6 +315,8 @@ def main() -> None:
     common.add_source_args(p)
     args = p.parse_args()
 
+    if not 0 < args.batch_mb < math.inf:
+        raise UserError(f"--batch_mb must be a positive number, got {args.batch_mb}")
     stats: dict = {}
     documents = common.documents_from_args(args, stats)
     meta = prepare(documents, args.tokenizer, args.out, val_fraction=args.val_fraction, val_docs=args.val_docs,

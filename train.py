@@ -340,6 +340,9 @@ def setup_distributed(args) -> None:
     elif args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise UserError("--coordinator HOST:PORT needs --num_processes and --process_id")
+        if not 0 <= args.process_id < args.num_processes:
+            raise UserError(f"need 0 <= --process_id < --num_processes, got --process_id {args.process_id} and "
+                            f"--num_processes {args.num_processes}")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.num_processes not in (None, 1) or args.process_id not in (None, 0):
         raise UserError("--num_processes/--process_id need --coordinator")
@@ -492,6 +495,12 @@ def check_config(args, num_devices: int) -> None:
             raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.lr <= 0 or args.eval_windows < 0 or args.grad_clip < 0 or args.weight_decay < 0:
         raise UserError("--lr must be > 0 and --eval_windows, --grad_clip, --weight_decay >= 0")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise UserError(f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
+    if args.batch_size_start is not None and args.batch_size_start < 0:
+        raise UserError(f"--batch_size_start must be >= 0 (0 = no ramp), got {args.batch_size_start}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     start = ramp_start(args)
     for flag, size in (("--batch_size", args.batch_size), ("--batch_size_start", start)):
         if size % num_devices:
