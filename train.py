@@ -523,25 +523,23 @@ def main(argv: list[str] | None = None) -> dict:
     rows_per_micro = micro * num_devices  # global rows in one microbatch; batch sizes are multiples of it
 
     # Data and tokenizer: the data must have been made with this tokenizer (and the checkpoint's).
-    if not os.path.isdir(args.data_dir):
-        raise UserError(f"data folder not found: {args.data_dir} (make it with: python data.py --out {args.data_dir})")
     if args.init_hf:  # the data must have been made with the checkpoint's tokenizer, converted by hf.py
         hf_cfg, _ = hf.read_config(args.init_hf)
         tokenizer_bytes, _ = hf.convert_tokenizer(args.init_hf, hf_cfg.vocab_size)
-        tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
+        tokenizer_sha, vocab_size = common.sha256_bytes(tokenizer_bytes), hf_cfg.vocab_size
         if data.load_meta(args.data_dir)["tokenizer_sha256"] != tokenizer_sha:
             raise UserError(f"{args.data_dir} was not made with the tokenizer of {args.init_hf}: convert it with "
                             f"python hf.py --tokenizer {args.init_hf} tok.json, then make the data with python "
                             f"data.py --tokenizer tok.json --out {args.data_dir}")
     else:
-        common.load_tokenizer(args.tokenizer)
+        vocab_size = common.load_tokenizer(args.tokenizer).get_vocab_size()
         with open(args.tokenizer, "rb") as f:
             tokenizer_bytes = f.read()
         tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
     if resumed and resumed["tokenizer_sha256"] != tokenizer_sha:
         raise UserError(f"{args.init_hf or args.tokenizer} is not the tokenizer of checkpoint {resumed['path']} "
                         f"(sha256 {tokenizer_sha} vs {resumed['tokenizer_sha256']})")
-    reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha)
+    reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha, vocab_size)
     overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size",
                                                "post_ln") if getattr(args, k) is not None}
     if args.init_hf and overrides:
