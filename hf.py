@@ -41,6 +41,7 @@ LAYOUTS = {"bert": ("bert.", "BertForMaskedLM"),
            "roberta-prelayernorm": ("roberta_prelayernorm.", "RobertaPreLayerNormForMaskedLM")}
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-weights some checkpoints carry
 SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # tokenizer_config.json names
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def _read_json(path: str) -> dict:
@@ -376,15 +377,23 @@ def merge_params(fresh: dict, loaded: dict, source: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Export
 
-def export_hf(ckpt_dir: str, out_dir: str) -> str:
+def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     """A train.py checkpoint (a ckpt_* folder or an out_dir's newest) -> out_dir, a transformers folder:
     config.json, model.safetensors, tokenizer.json, tokenizer_config.json. Written under a temporary name, then
-    renamed; an existing out_dir is refused. Returns the transformers class name."""
+    renamed; an existing out_dir is refused, or with overwrite replaced if it holds only those files. Returns the
+    transformers class name."""
     import train  # here, not at the top: train.py imports this module
 
     out_dir = out_dir.rstrip("/") or out_dir
     if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new folder")
+        if not overwrite:
+            raise UserError(f"{out_dir} already exists; pass --overwrite to replace it")
+        if not os.path.isdir(out_dir):
+            raise UserError(f"{out_dir} is a file, not a folder hf.py --export wrote")
+        other = sorted(set(os.listdir(out_dir)) - set(EXPORT_FILES))
+        if other:
+            raise UserError(f"{out_dir} holds {other[0]}, which hf.py --export does not write; --overwrite replaces "
+                            "only a folder it wrote")
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise UserError(f"cannot write {out_dir}: folder {parent} does not exist")
@@ -451,17 +460,18 @@ def main() -> None:
     g.add_argument("--tokenizer", nargs=2, metavar=("HF_DIR", "OUT_JSON"),
                    help="write the tokenizer of a Hugging Face BERT folder with [PAD] [UNK] [CLS] [SEP] [MASK] at "
                         "ids 0..4, for data.py (then train.py --init_hf HF_DIR on that data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT_JSON, or an OUT_DIR that --export wrote; without it they are refused")
     args = p.parse_args()
     if args.export:
-        architecture = export_hf(*args.export)
+        architecture = export_hf(*args.export, overwrite=args.overwrite)
         print(f"wrote {args.export[1]}: {architecture} (load with transformers.AutoModelForMaskedLM."
               f"from_pretrained and AutoTokenizer.from_pretrained)")
         return
     hf_dir, out = args.tokenizer
+    common.check_new_file(out, args.overwrite)
     cfg, _ = read_config(hf_dir)
     tokenizer_bytes, new_id = convert_tokenizer(hf_dir, cfg.vocab_size)
-    if os.path.isdir(out):
-        raise UserError(f"cannot write {out}: it is a folder")
     try:
         common.atomic_write_bytes(out, tokenizer_bytes)
     except OSError as e:

@@ -87,6 +87,7 @@ def _with_progress(documents: Iterable[str], stats: dict) -> Iterator[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer (default: tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists; without it, it is refused")
     p.add_argument("--vocab_size", type=int, default=32768,
                    help=f"vocabulary size including the 5 special tokens, at most {MAX_VOCAB_SIZE} (default: 32768, "
                         "a multiple of 128 so the embedding and output matrices tile evenly on GPU/TPU matrix units)")
@@ -100,11 +101,7 @@ def main() -> None:
     args = p.parse_args()
 
     check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"cannot write {args.out}: folder {out_dir} does not exist")
-    if os.path.isdir(args.out):
-        raise UserError(f"cannot write {args.out}: it is a folder")
+    common.check_new_file(args.out, args.overwrite)
     stats: dict = {}
     documents = common.require_documents(common.documents_from_args(args, stats), stats)
     start = time.time()

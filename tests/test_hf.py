@@ -222,8 +222,11 @@ def test_cli_tokenizer_help_and_errors(tmp_path, tiny):
     assert "10->1, 11->2, 12->3, 13->4" in done.stdout
     assert out.read_bytes() == tiny[2]
     common.load_tokenizer(str(out))  # the codebase's contract: specials at 0..4
-    bad = run("--tokenizer", str(tmp_path / "nowhere"), str(out))
+    bad = run("--tokenizer", str(tmp_path / "nowhere"), str(tmp_path / "new.json"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    again = run("--tokenizer", FIXTURE, str(out))
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    assert run("--tokenizer", FIXTURE, str(out), "--overwrite").returncode == 0
     assert run("--help").returncode == 0
 
 
@@ -267,8 +270,16 @@ def test_export_then_import_gives_the_same_model(tmp_path, tiny_tokenizer_path, 
     for module, leaves in params.items():
         for name, value in leaves.items():
             np.testing.assert_array_equal(params2[module][name], value)
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
         hf.export_hf(folder, out)
+    os.remove(os.path.join(out, "config.json"))
+    hf.export_hf(folder, out, overwrite=True)
+    assert sorted(os.listdir(out)) == list(hf.EXPORT_FILES) and not os.path.exists(f"{out}.tmp.{os.getpid()}.old")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="holds notes.txt, which hf.py --export does not write"):
+        hf.export_hf(folder, str(tmp_path / "mine"), overwrite=True)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_export_refuses_a_checkpoint_it_cannot_map(tmp_path, tiny_tokenizer_path):
