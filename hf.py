@@ -33,14 +33,13 @@ from tokenizers import AddedToken, models, normalizers
 
 import common
 import model as bert
-from common import SPECIAL_TOKENS, UserError
-from tokenizer import build_tokenizer
+from common import PAD_ID, SPECIAL_TOKENS, UserError
+from tokenizer import SPECIAL_KEYS, build_tokenizer, for_transformers
 
 # model_type -> (prefix of the encoder's tensors in the *For...* classes, the class export writes)
 LAYOUTS = {"bert": ("bert.", "BertForMaskedLM"),
            "roberta-prelayernorm": ("roberta_prelayernorm.", "RobertaPreLayerNormForMaskedLM")}
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-weights some checkpoints carry
-SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # tokenizer_config.json names
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -166,6 +165,8 @@ def convert_tokenizer(hf_dir: str, vocab_size: int) -> tuple[bytes, np.ndarray]:
             tok.add_tokens([token])
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.get_vocab_size() == vocab_size
+    # Padding is part of these bytes because train.py --init_hf knows data made with them by their sha256.
+    tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", pad_type_id=0)
     return tok.to_str(pretty=True).encode(), new_id
 
 
@@ -405,8 +406,6 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     tok = common.load_tokenizer(state["tokenizer_path"])
     if tok.get_vocab_size() != cfg.vocab_size:
         raise UserError(f"{state['tokenizer_path']} has {tok.get_vocab_size()} tokens, the model {cfg.vocab_size}")
-    with open(state["tokenizer_path"], "rb") as f:
-        tokenizer_bytes = f.read()
 
     model_type = "bert" if cfg.post_ln else "roberta-prelayernorm"
     prefix, architecture = LAYOUTS[model_type]
@@ -430,12 +429,7 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
         tensors[position] = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), tensors[position]])
         config.update(max_position_embeddings=cfg.max_position + 1, bos_token_id=common.CLS_ID,
                       eos_token_id=common.SEP_ID)
-    normalizer = json.loads(tokenizer_bytes).get("normalizer") or {}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
-                        "do_lower_case": normalizer.get("lowercase", True),
-                        "strip_accents": normalizer.get("strip_accents"),
-                        "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
-                        **dict(zip(SPECIAL_KEYS, SPECIAL_TOKENS))}
+    tokenizer_text, tokenizer_config = for_transformers(tok, cfg.max_position)
 
     from safetensors.numpy import save_file
 
@@ -443,7 +437,7 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         common.atomic_write_json(os.path.join(tmp, "config.json"), config)
         common.atomic_write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
-        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
+        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_text.encode())
     return architecture
 
 

@@ -5,8 +5,11 @@
 
 The file fixes the contract every other script relies on: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, BERT
 normalisation and pre-tokenisation, "[CLS] A [SEP] (B [SEP])" with token types 0/1, and a "##" WordPiece decoder.
+Like Hugging Face's own tokenizer.json files it pads and truncates nothing. An --out named tokenizer.json gets a
+tokenizer_config.json beside it, so that transformers.AutoTokenizer.from_pretrained(its folder) loads it.
 """
 import argparse
+import json
 import os
 import time
 from typing import Iterable, Iterator
@@ -15,9 +18,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 import common
-from common import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UserError
+from common import CLS_ID, SEP_ID, SPECIAL_TOKENS, UserError
 
+SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # tokenizer_config.json names
 MAX_VOCAB_SIZE = 1 << 20  # the trainer reserves ~70 bytes per token up front; 4x the largest common vocabularies
+MODEL_MAX_LENGTH = 512  # model.py's default max_position, for tokenizer_config.json
+# BERT's inputs; transformers 5's PreTrainedTokenizerFast returns no token types unless told.
+MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
 
 def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) -> Tokenizer:
@@ -30,9 +37,6 @@ def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) ->
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
-    # Stored in the file so that transformers.PreTrainedTokenizerFast(tokenizer_file=...) knows its pad token.
-    # It pads batches to their longest member; data.py switches it off.
-    tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", pad_type_id=0)
     return tok
 
 
@@ -62,6 +66,30 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = Fal
     return tok
 
 
+def for_transformers(tok: Tokenizer, model_max_length: int = MODEL_MAX_LENGTH) -> tuple[str, dict]:
+    """tok as tokenizer.json text without padding or truncation (a copy is changed, not tok), and the
+    tokenizer_config.json that transformers reads beside it: the special tokens' names, the normalisation and the
+    model's length limit and inputs."""
+    tok = Tokenizer.from_str(tok.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    text = tok.to_str(pretty=True)
+    normalizer = json.loads(text).get("normalizer") or {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "do_lower_case": normalizer.get("lowercase", True), "strip_accents": normalizer.get("strip_accents"),
+              "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
+              "model_input_names": MODEL_INPUT_NAMES, **dict(zip(SPECIAL_KEYS, SPECIAL_TOKENS))}
+    return text, config
+
+
+def config_path(out: str) -> str | None:
+    """Where main() writes tokenizer_config.json: beside out when out is named tokenizer.json, else nowhere (a
+    folder of tokenizers with other names would have one settings file for them all)."""
+    if os.path.basename(out) != "tokenizer.json":
+        return None
+    return os.path.join(os.path.dirname(out), "tokenizer_config.json")
+
+
 def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
     batch = []
     for doc in documents:
@@ -86,8 +114,11 @@ def _with_progress(documents: Iterable[str], stats: dict) -> Iterator[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer (default: tokenizer.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists; without it, it is refused")
+    p.add_argument("--out", default="tokenizer.json",
+                   help="where to write the tokenizer; named tokenizer.json, it gets a tokenizer_config.json beside "
+                        "it for transformers (default: tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its tokenizer_config.json) if they "
+                                                             "exist; without it they are refused")
     p.add_argument("--vocab_size", type=int, default=32768,
                    help=f"vocabulary size including the 5 special tokens, at most {MAX_VOCAB_SIZE} (default: 32768, "
                         "a multiple of 128 so the embedding and output matrices tile evenly on GPU/TPU matrix units)")
@@ -101,14 +132,20 @@ def main() -> None:
     args = p.parse_args()
 
     check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
-    common.check_new_file(args.out, args.overwrite)
+    settings_path = config_path(args.out)
+    for path in (args.out, settings_path):
+        if path:
+            common.check_new_file(path, args.overwrite)
     stats: dict = {}
     documents = common.require_documents(common.documents_from_args(args, stats), stats)
     start = time.time()
     tok = train_tokenizer(_with_progress(documents, stats), args.vocab_size, cased=args.cased,
                           min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
-    try:
-        common.atomic_write_bytes(args.out, tok.to_str(pretty=True).encode())
+    text, config = for_transformers(tok)
+    try:  # tokenizer.json last: its presence says the pair is complete
+        if settings_path:
+            common.atomic_write_json(settings_path, config)
+        common.atomic_write_bytes(args.out, text.encode())
     except OSError as e:
         raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
     print(f"wrote {args.out}: vocab {tok.get_vocab_size()} (asked {args.vocab_size}), {stats['docs']} docs, "

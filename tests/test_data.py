@@ -138,6 +138,16 @@ def test_reader_checks_tokenizer_and_length(prepared, tiny_tokenizer_path):
         data.TokenReader(prepared, "train", seq_len=8, seed=0, tokenizer_sha256=sha, vocab_size=100)
 
 
+def test_tokenizer_file_with_padding_on_makes_the_same_data(tmp_path, tiny_docs, tiny_tokenizer_path):
+    old = common.load_tokenizer(tiny_tokenizer_path)  # tokenizer.py's files had padding switched on before
+    old.enable_padding(pad_id=common.PAD_ID, pad_token="[PAD]")
+    (tmp_path / "old.json").write_text(old.to_str())
+    for name, path in (("new", tiny_tokenizer_path), ("old", str(tmp_path / "old.json"))):
+        data.prepare(tiny_docs, path, str(tmp_path / name), batch_bytes=500, progress=False)
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(read_bin(tmp_path / "old", split), read_bin(tmp_path / "new", split))
+
+
 def test_truncated_bin_is_refused(tmp_path, tiny_docs, tiny_tokenizer_path):
     out = tmp_path / "data"
     data.prepare(tiny_docs, tiny_tokenizer_path, str(out), progress=False)
