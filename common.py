@@ -68,20 +68,38 @@ def fsync_dir(path: str) -> None:
 @contextmanager
 def atomic_dir(final: str, tmp: str):
     """Build a folder under the name tmp (yielded), then fsync it and rename it to final; on any failure, tmp is
-    removed and final is untouched, so a reader never sees a half-written folder."""
+    removed and final is untouched, so a reader never sees a half-written folder. An existing final is replaced:
+    moved aside, the new one renamed in, then the old one removed."""
+    old = f"{tmp}.old"
     try:
         os.makedirs(tmp)
         yield tmp
         fsync_dir(tmp)
+        if os.path.isdir(final):  # a rename cannot replace a folder that is not empty
+            os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(os.path.dirname(os.path.abspath(final)))
     except BaseException:
+        if os.path.isdir(old) and not os.path.exists(final):
+            os.rename(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_new_file(path: str, overwrite: bool) -> None:
+    """An output file: its folder must exist, and the file must be new unless overwrite (every script's rule)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
 
 
 def load_tokenizer(path: str):

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import re
@@ -72,8 +73,8 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
     if os.path.exists(meta_path) and not overwrite:
         try:
             recorded = _read_json(meta_path).get("tokenizer_sha256")
-        except UserError:  # unreadable meta: still refuse, the user decides
-            recorded = tokenizer_sha
+        except UserError as e:  # unreadable meta: still refuse, the user decides
+            raise UserError(f"{e}; pass --overwrite to replace the data in {out_dir}") from None
         why = (f"made by a different tokenizer (recorded sha256 {recorded}, {tokenizer_path} has {tokenizer_sha})"
                if recorded != tokenizer_sha else "made with this tokenizer")
         raise UserError(f"{out_dir} already holds complete data, {why}; pass --overwrite to replace it")
@@ -242,8 +243,13 @@ def _read_json(path: str) -> dict:
     return obj
 
 
-def load_meta(data_dir: str, tokenizer_sha256: str | None = None) -> dict:
-    """The meta of a complete data folder; UserError if incomplete, inconsistent, or made by another tokenizer."""
+def load_meta(data_dir: str, tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> dict:
+    """The meta of a complete data folder; UserError if incomplete, inconsistent, or made by another tokenizer
+    (one whose sha256 is not tokenizer_sha256, or whose vocabulary size is not vocab_size)."""
+    if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise UserError(f"{data_dir} is a file, not a data folder made by data.py")
+        raise UserError(f"data folder not found: {data_dir} (make it with: python data.py --out {data_dir})")
     meta_path = os.path.join(data_dir, META)
     if not os.path.isfile(meta_path):
         raise UserError(f"{data_dir} holds no complete data (no {META}); make it with: "
@@ -252,9 +258,14 @@ def load_meta(data_dir: str, tokenizer_sha256: str | None = None) -> dict:
     try:
         if meta["format"] != FORMAT:
             raise UserError(f"{meta_path} has format {meta['format']}, this code reads format {FORMAT}")
+        _check_count(meta_path, "vocab_size", meta["vocab_size"])
+        if meta["dtype"] != token_dtype(meta["vocab_size"]).name:
+            raise UserError(f"{meta_path}: dtype {meta['dtype']!r} is not the one data.py uses for vocab_size "
+                            f"{meta['vocab_size']} ({token_dtype(meta['vocab_size']).name})")
         itemsize = np.dtype(meta["dtype"]).itemsize
         for s in SPLITS:
             path, tokens = os.path.join(data_dir, f"{s}.bin"), meta["splits"][s]["tokens"]
+            _check_count(meta_path, f"splits.{s}.tokens", tokens)
             size = os.path.getsize(path) if os.path.isfile(path) else None
             if size != tokens * itemsize:
                 raise UserError(f"{path} is missing or has {size} bytes, {META} says {tokens * itemsize}; "
@@ -265,14 +276,23 @@ def load_meta(data_dir: str, tokenizer_sha256: str | None = None) -> dict:
     if tokenizer_sha256 is not None and recorded != tokenizer_sha256:
         raise UserError(f"{data_dir} was made by a different tokenizer: sha256 {recorded} in {META}, "
                         f"{tokenizer_sha256} given; rerun data.py with this tokenizer")
+    if vocab_size is not None and meta["vocab_size"] != vocab_size:
+        raise UserError(f"{meta_path} says vocab_size {meta['vocab_size']}, the tokenizer has {vocab_size} tokens; "
+                        "rerun data.py with --overwrite")
     return meta
+
+
+def _check_count(meta_path: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{meta_path}: {name} is {value!r}, not a whole number; rerun data.py with --overwrite")
 
 
 class TokenReader:
     """Random contiguous windows of one split, deterministic in (seed, step): a resumed run sees the same batches."""
 
-    def __init__(self, data_dir: str, split: str, seq_len: int, seed: int, tokenizer_sha256: str | None = None):
-        self.meta = load_meta(data_dir, tokenizer_sha256)
+    def __init__(self, data_dir: str, split: str, seq_len: int, seed: int, tokenizer_sha256: str | None = None,
+                 vocab_size: int | None = None):
+        self.meta = load_meta(data_dir, tokenizer_sha256, vocab_size)
         if split not in self.meta["splits"]:
             raise UserError(f"no split {split!r} in {data_dir}; there are {', '.join(self.meta['splits'])}")
         if seq_len < 1 or seed < 0:
@@ -318,6 +338,8 @@ def main() -> None:
     common.add_source_args(p)
     args = p.parse_args()
 
+    if not 0 < args.batch_mb < math.inf:
+        raise UserError(f"--batch_mb must be a positive number, got {args.batch_mb}")
     stats: dict = {}
     documents = common.documents_from_args(args, stats)
     meta = prepare(documents, args.tokenizer, args.out, val_fraction=args.val_fraction, val_docs=args.val_docs,

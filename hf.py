@@ -33,14 +33,14 @@ from tokenizers import AddedToken, models, normalizers
 
 import common
 import model as bert
-from common import SPECIAL_TOKENS, UserError
-from tokenizer import build_tokenizer
+from common import PAD_ID, SPECIAL_TOKENS, UserError
+from tokenizer import SPECIAL_KEYS, build_tokenizer, for_transformers
 
 # model_type -> (prefix of the encoder's tensors in the *For...* classes, the class export writes)
 LAYOUTS = {"bert": ("bert.", "BertForMaskedLM"),
            "roberta-prelayernorm": ("roberta_prelayernorm.", "RobertaPreLayerNormForMaskedLM")}
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-weights some checkpoints carry
-SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # tokenizer_config.json names
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def _read_json(path: str) -> dict:
@@ -165,6 +165,8 @@ def convert_tokenizer(hf_dir: str, vocab_size: int) -> tuple[bytes, np.ndarray]:
             tok.add_tokens([token])
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.get_vocab_size() == vocab_size
+    # Padding is part of these bytes because train.py --init_hf knows data made with them by their sha256.
+    tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", pad_type_id=0)
     return tok.to_str(pretty=True).encode(), new_id
 
 
@@ -376,15 +378,23 @@ def merge_params(fresh: dict, loaded: dict, source: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Export
 
-def export_hf(ckpt_dir: str, out_dir: str) -> str:
+def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     """A train.py checkpoint (a ckpt_* folder or an out_dir's newest) -> out_dir, a transformers folder:
     config.json, model.safetensors, tokenizer.json, tokenizer_config.json. Written under a temporary name, then
-    renamed; an existing out_dir is refused. Returns the transformers class name."""
+    renamed; an existing out_dir is refused, or with overwrite replaced if it holds only those files. Returns the
+    transformers class name."""
     import train  # here, not at the top: train.py imports this module
 
     out_dir = out_dir.rstrip("/") or out_dir
     if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new folder")
+        if not overwrite:
+            raise UserError(f"{out_dir} already exists; pass --overwrite to replace it")
+        if not os.path.isdir(out_dir):
+            raise UserError(f"{out_dir} is a file, not a folder hf.py --export wrote")
+        other = sorted(set(os.listdir(out_dir)) - set(EXPORT_FILES))
+        if other:
+            raise UserError(f"{out_dir} holds {other[0]}, which hf.py --export does not write; --overwrite replaces "
+                            "only a folder it wrote")
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise UserError(f"cannot write {out_dir}: folder {parent} does not exist")
@@ -396,8 +406,6 @@ def export_hf(ckpt_dir: str, out_dir: str) -> str:
     tok = common.load_tokenizer(state["tokenizer_path"])
     if tok.get_vocab_size() != cfg.vocab_size:
         raise UserError(f"{state['tokenizer_path']} has {tok.get_vocab_size()} tokens, the model {cfg.vocab_size}")
-    with open(state["tokenizer_path"], "rb") as f:
-        tokenizer_bytes = f.read()
 
     model_type = "bert" if cfg.post_ln else "roberta-prelayernorm"
     prefix, architecture = LAYOUTS[model_type]
@@ -421,12 +429,7 @@ def export_hf(ckpt_dir: str, out_dir: str) -> str:
         tensors[position] = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), tensors[position]])
         config.update(max_position_embeddings=cfg.max_position + 1, bos_token_id=common.CLS_ID,
                       eos_token_id=common.SEP_ID)
-    normalizer = json.loads(tokenizer_bytes).get("normalizer") or {}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
-                        "do_lower_case": normalizer.get("lowercase", True),
-                        "strip_accents": normalizer.get("strip_accents"),
-                        "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
-                        **dict(zip(SPECIAL_KEYS, SPECIAL_TOKENS))}
+    tokenizer_text, tokenizer_config = for_transformers(tok, cfg.max_position)
 
     from safetensors.numpy import save_file
 
@@ -434,7 +437,7 @@ def export_hf(ckpt_dir: str, out_dir: str) -> str:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         common.atomic_write_json(os.path.join(tmp, "config.json"), config)
         common.atomic_write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
-        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
+        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_text.encode())
     return architecture
 
 
@@ -451,17 +454,18 @@ def main() -> None:
     g.add_argument("--tokenizer", nargs=2, metavar=("HF_DIR", "OUT_JSON"),
                    help="write the tokenizer of a Hugging Face BERT folder with [PAD] [UNK] [CLS] [SEP] [MASK] at "
                         "ids 0..4, for data.py (then train.py --init_hf HF_DIR on that data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT_JSON, or an OUT_DIR that --export wrote; without it they are refused")
     args = p.parse_args()
     if args.export:
-        architecture = export_hf(*args.export)
+        architecture = export_hf(*args.export, overwrite=args.overwrite)
         print(f"wrote {args.export[1]}: {architecture} (load with transformers.AutoModelForMaskedLM."
               f"from_pretrained and AutoTokenizer.from_pretrained)")
         return
     hf_dir, out = args.tokenizer
+    common.check_new_file(out, args.overwrite)
     cfg, _ = read_config(hf_dir)
     tokenizer_bytes, new_id = convert_tokenizer(hf_dir, cfg.vocab_size)
-    if os.path.isdir(out):
-        raise UserError(f"cannot write {out}: it is a folder")
     try:
         common.atomic_write_bytes(out, tokenizer_bytes)
     except OSError as e:

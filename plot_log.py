@@ -205,9 +205,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Write the outputs; returns the table's rows (for tests and notebooks)."""
     args = build_parser().parse_args(argv)
     out = args.out or args.out_dir
+    if args.out and os.path.exists(out) and not os.path.isdir(out):  # at once; a bad OUT_DIR is read_log's to report
+        raise UserError(f"--out {out} is a file, not a folder")
     scalars = read_log(args.out_dir)
     rows = eval_rows(scalars)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror or e}") from None
     common.atomic_write_bytes(os.path.join(out, "log.md"), markdown_table(rows).encode())
     common.atomic_write_json(os.path.join(out, "log.json"), dict(source=args.out_dir, rows=rows))
     written = ["log.md", "log.json"]

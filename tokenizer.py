@@ -5,8 +5,11 @@
 
 The file fixes the contract every other script relies on: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, BERT
 normalisation and pre-tokenisation, "[CLS] A [SEP] (B [SEP])" with token types 0/1, and a "##" WordPiece decoder.
+Like Hugging Face's own tokenizer.json files it pads and truncates nothing. An --out named tokenizer.json gets a
+tokenizer_config.json beside it, so that transformers.AutoTokenizer.from_pretrained(its folder) loads it.
 """
 import argparse
+import json
 import os
 import time
 from typing import Iterable, Iterator
@@ -15,7 +18,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 import common
-from common import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UserError
+from common import CLS_ID, SEP_ID, SPECIAL_TOKENS, UserError
+
+SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # tokenizer_config.json names
+MAX_VOCAB_SIZE = 1 << 20  # the trainer reserves ~70 bytes per token up front; 4x the largest common vocabularies
+MODEL_MAX_LENGTH = 512  # model.py's default max_position, for tokenizer_config.json
+# BERT's inputs; transformers 5's PreTrainedTokenizerFast returns no token types unless told.
+MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
 
 def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) -> Tokenizer:
@@ -28,10 +37,16 @@ def build_tokenizer(vocab: dict[str, int] | None = None, cased: bool = False) ->
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
-    # Stored in the file so that transformers.PreTrainedTokenizerFast(tokenizer_file=...) knows its pad token.
-    # It pads batches to their longest member; data.py switches it off.
-    tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", pad_type_id=0)
     return tok
+
+
+def check_settings(vocab_size: int, min_frequency: int, limit_alphabet: int) -> None:
+    """The trainer's ranges (outside them it aborts or overflows), checked before any document is read."""
+    for flag, value, low, high in (("vocab_size", vocab_size, len(SPECIAL_TOKENS) + 1, MAX_VOCAB_SIZE),
+                                   ("min_frequency", min_frequency, 0, 2**32 - 1),
+                                   ("limit_alphabet", limit_alphabet, 1, 2**32 - 1)):
+        if not low <= value <= high:
+            raise UserError(f"--{flag} must be in [{low}, {high}], got {value}")
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = False, min_frequency: int = 2,
@@ -40,8 +55,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = Fal
 
     The vocabulary can come out smaller than vocab_size when the corpus is small.
     """
-    if vocab_size <= len(SPECIAL_TOKENS):
-        raise UserError(f"vocab_size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    check_settings(vocab_size, min_frequency, limit_alphabet)
     tok = build_tokenizer(cased=cased)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, limit_alphabet=limit_alphabet,
@@ -50,6 +64,30 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = Fal
     for want_id, token in enumerate(SPECIAL_TOKENS):  # the trainer puts them first; the contract depends on it
         assert tok.token_to_id(token) == want_id, (token, tok.token_to_id(token))
     return tok
+
+
+def for_transformers(tok: Tokenizer, model_max_length: int = MODEL_MAX_LENGTH) -> tuple[str, dict]:
+    """tok as tokenizer.json text without padding or truncation (a copy is changed, not tok), and the
+    tokenizer_config.json that transformers reads beside it: the special tokens' names, the normalisation and the
+    model's length limit and inputs."""
+    tok = Tokenizer.from_str(tok.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    text = tok.to_str(pretty=True)
+    normalizer = json.loads(text).get("normalizer") or {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "do_lower_case": normalizer.get("lowercase", True), "strip_accents": normalizer.get("strip_accents"),
+              "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
+              "model_input_names": MODEL_INPUT_NAMES, **dict(zip(SPECIAL_KEYS, SPECIAL_TOKENS))}
+    return text, config
+
+
+def config_path(out: str) -> str | None:
+    """Where main() writes tokenizer_config.json: beside out when out is named tokenizer.json, else nowhere (a
+    folder of tokenizers with other names would have one settings file for them all)."""
+    if os.path.basename(out) != "tokenizer.json":
+        return None
+    return os.path.join(os.path.dirname(out), "tokenizer_config.json")
 
 
 def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -76,10 +114,14 @@ def _with_progress(documents: Iterable[str], stats: dict) -> Iterator[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="tokenizer.json", help="where to write the tokenizer (default: tokenizer.json)")
+    p.add_argument("--out", default="tokenizer.json",
+                   help="where to write the tokenizer; named tokenizer.json, it gets a tokenizer_config.json beside "
+                        "it for transformers (default: tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its tokenizer_config.json) if they "
+                                                             "exist; without it they are refused")
     p.add_argument("--vocab_size", type=int, default=32768,
-                   help="vocabulary size including the 5 special tokens (default: 32768, a multiple of 128 so the "
-                        "embedding and output matrices tile evenly on GPU/TPU matrix units)")
+                   help=f"vocabulary size including the 5 special tokens, at most {MAX_VOCAB_SIZE} (default: 32768, "
+                        "a multiple of 128 so the embedding and output matrices tile evenly on GPU/TPU matrix units)")
     p.add_argument("--cased", action="store_true",
                    help="keep case and accents (default: lowercase and strip accents, like bert-base-uncased)")
     p.add_argument("--min_frequency", type=int, default=2,
@@ -89,18 +131,21 @@ def main() -> None:
     common.add_source_args(p)
     args = p.parse_args()
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"cannot write {args.out}: folder {out_dir} does not exist")
-    if os.path.isdir(args.out):
-        raise UserError(f"cannot write {args.out}: it is a folder")
+    check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
+    settings_path = config_path(args.out)
+    for path in (args.out, settings_path):
+        if path:
+            common.check_new_file(path, args.overwrite)
     stats: dict = {}
     documents = common.require_documents(common.documents_from_args(args, stats), stats)
     start = time.time()
     tok = train_tokenizer(_with_progress(documents, stats), args.vocab_size, cased=args.cased,
                           min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
-    try:
-        common.atomic_write_bytes(args.out, tok.to_str(pretty=True).encode())
+    text, config = for_transformers(tok)
+    try:  # tokenizer.json last: its presence says the pair is complete
+        if settings_path:
+            common.atomic_write_json(settings_path, config)
+        common.atomic_write_bytes(args.out, text.encode())
     except OSError as e:
         raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
     print(f"wrote {args.out}: vocab {tok.get_vocab_size()} (asked {args.vocab_size}), {stats['docs']} docs, "

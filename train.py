@@ -362,6 +362,9 @@ def setup_distributed(args) -> None:
     elif args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise UserError("--coordinator HOST:PORT needs --num_processes and --process_id")
+        if not 0 <= args.process_id < args.num_processes:
+            raise UserError(f"need 0 <= --process_id < --num_processes, got --process_id {args.process_id} and "
+                            f"--num_processes {args.num_processes}")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.num_processes not in (None, 1) or args.process_id not in (None, 0):
         raise UserError("--num_processes/--process_id need --coordinator")
@@ -514,6 +517,12 @@ def check_config(args, num_devices: int) -> None:
             raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.lr <= 0 or args.eval_windows < 0 or args.grad_clip < 0 or args.weight_decay < 0:
         raise UserError("--lr must be > 0 and --eval_windows, --grad_clip, --weight_decay >= 0")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise UserError(f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
+    if args.batch_size_start is not None and args.batch_size_start < 0:
+        raise UserError(f"--batch_size_start must be >= 0 (0 = no ramp), got {args.batch_size_start}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     start = ramp_start(args)
     for flag, size in (("--batch_size", args.batch_size), ("--batch_size_start", start)):
         if size % num_devices:
@@ -542,25 +551,23 @@ def main(argv: list[str] | None = None) -> dict:
     rows_per_micro = micro * num_devices  # global rows in one microbatch; batch sizes are multiples of it
 
     # Data and tokenizer: the data must have been made with this tokenizer (and the checkpoint's).
-    if not os.path.isdir(args.data_dir):
-        raise UserError(f"data folder not found: {args.data_dir} (make it with: python data.py --out {args.data_dir})")
     if args.init_hf:  # the data must have been made with the checkpoint's tokenizer, converted by hf.py
         hf_cfg, _ = hf.read_config(args.init_hf)
         tokenizer_bytes, _ = hf.convert_tokenizer(args.init_hf, hf_cfg.vocab_size)
-        tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
+        tokenizer_sha, vocab_size = common.sha256_bytes(tokenizer_bytes), hf_cfg.vocab_size
         if data.load_meta(args.data_dir)["tokenizer_sha256"] != tokenizer_sha:
             raise UserError(f"{args.data_dir} was not made with the tokenizer of {args.init_hf}: convert it with "
                             f"python hf.py --tokenizer {args.init_hf} tok.json, then make the data with python "
                             f"data.py --tokenizer tok.json --out {args.data_dir}")
     else:
-        common.load_tokenizer(args.tokenizer)
+        vocab_size = common.load_tokenizer(args.tokenizer).get_vocab_size()
         with open(args.tokenizer, "rb") as f:
             tokenizer_bytes = f.read()
         tokenizer_sha = common.sha256_bytes(tokenizer_bytes)
     if resumed and resumed["tokenizer_sha256"] != tokenizer_sha:
         raise UserError(f"{args.init_hf or args.tokenizer} is not the tokenizer of checkpoint {resumed['path']} "
                         f"(sha256 {tokenizer_sha} vs {resumed['tokenizer_sha256']})")
-    reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha)
+    reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha, vocab_size)
     overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size",
                                                "post_ln") if getattr(args, k) is not None}
     if args.init_hf and overrides:

@@ -133,6 +133,19 @@ def test_reader_checks_tokenizer_and_length(prepared, tiny_tokenizer_path):
     with pytest.raises(UserError, match=f"has {n} tokens, fewer than seq_len \\+ 1 = {n + 1}"):
         data.TokenReader(prepared, "val", seq_len=n, seed=0)
     assert data.TokenReader(prepared, "val", seq_len=n - 1, seed=0).batch(0, 2).shape == (2, n - 1)
+    vocab = data.load_meta(prepared)["vocab_size"]
+    with pytest.raises(UserError, match=f"says vocab_size {vocab}, the tokenizer has 100 tokens"):
+        data.TokenReader(prepared, "train", seq_len=8, seed=0, tokenizer_sha256=sha, vocab_size=100)
+
+
+def test_tokenizer_file_with_padding_on_makes_the_same_data(tmp_path, tiny_docs, tiny_tokenizer_path):
+    old = common.load_tokenizer(tiny_tokenizer_path)  # tokenizer.py's files had padding switched on before
+    old.enable_padding(pad_id=common.PAD_ID, pad_token="[PAD]")
+    (tmp_path / "old.json").write_text(old.to_str())
+    for name, path in (("new", tiny_tokenizer_path), ("old", str(tmp_path / "old.json"))):
+        data.prepare(tiny_docs, path, str(tmp_path / name), batch_bytes=500, progress=False)
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(read_bin(tmp_path / "old", split), read_bin(tmp_path / "new", split))
 
 
 def test_truncated_bin_is_refused(tmp_path, tiny_docs, tiny_tokenizer_path):

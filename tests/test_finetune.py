@@ -259,6 +259,14 @@ def test_pair_encoding_with_types_and_truncation(tok_path):
     assert enc.lengths[1] == 12 and abs((9 - b) - b) <= 1  # longest-first: both cut to about half
 
 
+def test_tokenizer_file_with_padding_on_is_not_padded(tok_path):
+    old = load_tokenizer(tok_path)  # tokenizer.py's files had padding switched on before
+    old.enable_padding(pad_id=0, pad_token="[PAD]")
+    texts = ["good", "the river city school of music"]
+    enc = ft.encode(ft.prepare_tokenizer(old, 64), ft.Examples(texts, None, None, ["0", "1"]), 64)
+    assert enc.lengths.tolist() == [len(load_tokenizer(tok_path).encode(t).ids) for t in texts]
+
+
 def test_bucketing_covers_every_row_once():
     lengths = np.random.default_rng(0).integers(3, 128, size=1000)
     for rng in (None, np.random.default_rng(1)):

@@ -222,9 +222,17 @@ def test_cli_tokenizer_help_and_errors(tmp_path, tiny):
     assert "10->1, 11->2, 12->3, 13->4" in done.stdout
     assert out.read_bytes() == tiny[2]
     common.load_tokenizer(str(out))  # the codebase's contract: specials at 0..4
-    bad = run("--tokenizer", str(tmp_path / "nowhere"), str(out))
+    bad = run("--tokenizer", str(tmp_path / "nowhere"), str(tmp_path / "new.json"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    again = run("--tokenizer", FIXTURE, str(out))
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    assert run("--tokenizer", FIXTURE, str(out), "--overwrite").returncode == 0
     assert run("--help").returncode == 0
+
+
+def test_converted_tokenizer_bytes_do_not_change(tiny):
+    # train.py --init_hf knows data made with the converted tokenizer by these bytes' sha256: a change orphans it.
+    assert common.sha256_bytes(tiny[2]) == "05a25ddcef88edd0966d627d054dcebff417578ef5b523ea01116eb61265cfba"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +259,10 @@ def random_checkpoint(tmp_path, tokenizer_path: str, post_ln: bool, seed: int = 
 
 @pytest.mark.parametrize("post_ln", [True, False], ids=["post_ln", "pre_ln"])
 def test_export_then_import_gives_the_same_model(tmp_path, tiny_tokenizer_path, post_ln):
-    folder, cfg, params = random_checkpoint(tmp_path, tiny_tokenizer_path, post_ln)
+    old_tokenizer = common.load_tokenizer(tiny_tokenizer_path)  # as tokenizer.py wrote them before: padding on
+    old_tokenizer.enable_padding(pad_id=common.PAD_ID, pad_token="[PAD]")
+    (tmp_path / "old_tokenizer.json").write_text(old_tokenizer.to_str())
+    folder, cfg, params = random_checkpoint(tmp_path, str(tmp_path / "old_tokenizer.json"), post_ln)
     out = str(tmp_path / "hf")
     assert hf.export_hf(str(tmp_path / "run"), out) == ("BertForMaskedLM" if post_ln else
                                                          "RobertaPreLayerNormForMaskedLM")
@@ -267,8 +278,18 @@ def test_export_then_import_gives_the_same_model(tmp_path, tiny_tokenizer_path, 
     for module, leaves in params.items():
         for name, value in leaves.items():
             np.testing.assert_array_equal(params2[module][name], value)
-    with pytest.raises(UserError, match="already exists"):
+    spec = json.loads(open(os.path.join(out, "tokenizer.json")).read())
+    assert spec["padding"] is None and spec["truncation"] is None
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
         hf.export_hf(folder, out)
+    os.remove(os.path.join(out, "config.json"))
+    hf.export_hf(folder, out, overwrite=True)
+    assert sorted(os.listdir(out)) == list(hf.EXPORT_FILES) and not os.path.exists(f"{out}.tmp.{os.getpid()}.old")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="holds notes.txt, which hf.py --export does not write"):
+        hf.export_hf(folder, str(tmp_path / "mine"), overwrite=True)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_export_refuses_a_checkpoint_it_cannot_map(tmp_path, tiny_tokenizer_path):

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import common
+import tokenizer
 from common import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, UserError
 from tokenizer import build_tokenizer, train_tokenizer
 
@@ -80,6 +81,38 @@ def test_uncased_strips_accents_and_cased_keeps_them(tiny_docs):
 def test_vocab_too_small_is_user_error(tiny_docs):
     with pytest.raises(UserError, match="vocab_size"):
         train_tokenizer(tiny_docs, vocab_size=5)
+
+
+def test_file_neither_pads_nor_truncates(tok, tiny_tokenizer_path):
+    spec = json.loads(open(tiny_tokenizer_path).read())
+    assert spec["padding"] is None and spec["truncation"] is None
+    short, long = tok.encode_batch(["the river", "the river city " * 300])
+    assert len(short.ids) == len(tok.encode("the river").ids) and len(long.ids) > 900
+
+
+def test_model_max_length_is_the_models_default():
+    import model
+
+    assert tokenizer.MODEL_MAX_LENGTH == model.BertConfig.__dataclass_fields__["max_position"].default
+
+
+def test_transformers_loads_the_file_and_the_folder(tmp_path, tiny_tokenizer_path, tok):
+    transformers = pytest.importorskip("transformers")
+    text, config = tokenizer.for_transformers(tok)
+    (tmp_path / "tokenizer.json").write_text(text)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    settings = {k: config[k] for k in (*tokenizer.SPECIAL_KEYS, "model_input_names")}  # the file's missing part
+    texts = ["the river city", "a school of music and the village station"]
+    for theirs in (transformers.PreTrainedTokenizerFast(tokenizer_file=tiny_tokenizer_path, **settings),
+                   transformers.AutoTokenizer.from_pretrained(str(tmp_path))):
+        assert [theirs.pad_token_id, theirs.unk_token_id, theirs.cls_token_id, theirs.sep_token_id,
+                theirs.mask_token_id] == [PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID]
+        ours = [tok.encode(t).ids for t in texts]
+        assert theirs(texts)["input_ids"] == ours  # no padding unless asked
+        assert theirs(texts, padding=True)["input_ids"] == [ours[0] + [PAD_ID] * (len(ours[1]) - len(ours[0])),
+                                                           ours[1]]
+        assert theirs("a", "b")["token_type_ids"] == [0, 0, 0, 1, 1]
+    assert theirs.model_max_length == tokenizer.MODEL_MAX_LENGTH
 
 
 def test_hand_built_tokenizer_follows_the_contract(tmp_path):
@@ -229,8 +262,24 @@ def test_cli_trains_and_writes_one_file(tmp_path, tiny_docs):
     assert f"{len(tiny_docs)} docs" in result.stdout
     tok = common.load_tokenizer(str(out))
     assert tok.get_vocab_size() <= 256
-    assert json.loads(out.read_text())["padding"]["pad_id"] == PAD_ID
+    assert json.loads(out.read_text())["padding"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tok.json"]  # no temporary left behind
+
+
+def test_cli_tokenizer_json_gets_a_config_and_is_replaced_only_with_overwrite(tmp_path, tiny_docs):
+    (tmp_path / "corpus.txt").write_text("\n".join(tiny_docs) + "\n")
+    (tmp_path / "hf").mkdir()
+    out = tmp_path / "hf" / "tokenizer.json"
+    args = ("--text_files", tmp_path / "corpus.txt", "--vocab_size", 256, "--out", out)
+    assert run_cli(*args).returncode == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((out.parent / "tokenizer_config.json").read_text())
+    assert config["pad_token"] == "[PAD]" and config["model_max_length"] == tokenizer.MODEL_MAX_LENGTH
+    out.write_text("mine")
+    assert_user_error(run_cli(*args), str(out), "--overwrite")
+    assert out.read_text() == "mine"
+    assert run_cli(*args, "--overwrite").returncode == 0
+    common.load_tokenizer(str(out))
 
 
 def test_cli_bad_inputs(tmp_path):

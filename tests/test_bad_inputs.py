@@ -1,0 +1,99 @@
+"""Every script's user mistakes, through the real command line: exit code 2, one stderr line starting "error:",
+no traceback. The subprocesses start together (most of their time is importing jax) and are collected per case."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+
+HF_FIXTURE = os.path.join(ROOT, "tests", "data", "hf_tiny_bert")
+COORDINATOR = ["--coordinator", "localhost:12345"]
+
+# name: (script, arguments ({root}: the fixtures' folder, {hf}: the Hugging Face fixture), what the line must say,
+# and what it must not say (a misleading hint), if anything). Scripts run in {root}: train.py's defaults data/ and
+# tokenizer.json are the good ones there.
+CASES = {
+    "vocab_size_too_large": ("tokenizer.py", ["--vocab_size", "1000000000000"], "--vocab_size must be in", None),
+    "vocab_size_beyond_64_bits": ("tokenizer.py", ["--vocab_size", str(2**64)], "--vocab_size must be in", None),
+    "min_frequency_negative": ("tokenizer.py", ["--min_frequency", "-1"], "--min_frequency must be in", None),
+    "limit_alphabet_negative": ("tokenizer.py", ["--limit_alphabet", "-2"], "--limit_alphabet must be in", None),
+    "tokenizer_out_exists": ("tokenizer.py", ["--out", "{root}/a_file"], "--overwrite", None),
+    "tokenizer_config_exists": ("tokenizer.py", ["--out", "{root}/tok_dir/tokenizer.json"],
+                                "tokenizer_config.json already exists", None),
+    "data_unreadable_meta": ("data.py", ["--out", "{root}/data_bad_meta"], "cannot read", "complete data"),
+    "batch_mb_zero": ("data.py", ["--out", "{root}/new_data", "--batch_mb", "0"], "--batch_mb", None),
+    "out_dir_is_a_file": ("train.py", ["--out_dir", "{root}/a_file"], "is a file", None),
+    "process_id_out_of_range": ("train.py", [*COORDINATOR, "--num_processes", "2", "--process_id", "5"],
+                                "--process_id 5", None),
+    "micro_batch_size_zero": ("train.py", ["--micro_batch_size", "0"], "--micro_batch_size must be >= 1", None),
+    "data_dir_is_a_file": ("train.py", ["--data_dir", "{root}/a_file"], "is a file", "--out"),
+    "meta_vocab_size_not_a_number": ("train.py", ["--data_dir", "{root}/data_vocab_big"], "'big'", None),
+    "meta_vocab_size_not_the_tokenizer_s": ("train.py", ["--data_dir", "{root}/data_vocab_100"], "vocab_size 100",
+                                            None),
+    "meta_token_count_not_a_number": ("train.py", ["--data_dir", "{root}/data_tokens_many"], "'manymany'",
+                                      "manymanymany"),
+    "plot_out_is_a_file": ("plot_log.py", ["{root}/run", "--out", "{root}/a_file"], "is a file", None),
+    "hf_tokenizer_out_exists": ("hf.py", ["--tokenizer", "{hf}", "{root}/a_file"], "--overwrite", None),
+    "export_out_exists": ("hf.py", ["--export", "{root}/run", "{root}/tok_dir"], "--overwrite", None),
+    "export_overwrite_of_another_folder": ("hf.py", ["--export", "{root}/run", "{root}/data", "--overwrite"],
+                                           "does not write", None),
+}
+CORPUS_FLAGS = {"tokenizer.py": ["--text_files", "corpus.txt"],
+                "data.py": ["--text_files", "corpus.txt", "--tokenizer", "tokenizer.json"]}
+
+
+def edited_copy(src: str, dst: str, edit) -> None:
+    shutil.copytree(src, dst)
+    meta = json.loads(open(os.path.join(dst, "meta.json")).read())
+    edit(meta)
+    with open(os.path.join(dst, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_docs, tiny_tokenizer_path):
+    """{case: (returncode, stderr)}, the subprocesses all started before the first is waited for."""
+    root = str(tmp_path_factory.mktemp("bad_inputs"))
+    with open(os.path.join(root, "corpus.txt"), "w") as f:
+        f.write("\n".join(tiny_docs) + "\n")
+    shutil.copy(tiny_tokenizer_path, os.path.join(root, "tokenizer.json"))
+    good = os.path.join(root, "data")
+    data.prepare(tiny_docs, tiny_tokenizer_path, good, val_docs=20, progress=False)
+    edited_copy(good, os.path.join(root, "data_vocab_big"), lambda m: m.update(vocab_size="big"))
+    edited_copy(good, os.path.join(root, "data_vocab_100"), lambda m: m.update(vocab_size=100))
+    edited_copy(good, os.path.join(root, "data_tokens_many"), lambda m: m["splits"]["train"].update(tokens="manymany"))
+    shutil.copytree(good, os.path.join(root, "data_bad_meta"))
+    with open(os.path.join(root, "data_bad_meta", "meta.json"), "w") as f:
+        f.write("{")
+    open(os.path.join(root, "a_file"), "w").close()
+    os.makedirs(os.path.join(root, "tok_dir"))
+    open(os.path.join(root, "tok_dir", "tokenizer_config.json"), "w").close()
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {}
+    for name, (script, args, _, _) in CASES.items():
+        argv = [a.format(root=root, hf=HF_FIXTURE) for a in [*CORPUS_FLAGS.get(script, []), *args]]
+        procs[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=root, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        done[name] = (proc.returncode, err)
+    return done
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_line_and_exit_2(case, results):
+    rc, err = results[case]
+    _, _, says, must_not_say = CASES[case]
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-2000:]
+    assert says in lines[0], lines[0]
+    assert must_not_say is None or must_not_say not in lines[0], lines[0]
