@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import common
+import corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,7 +91,7 @@ def main() -> None:
         rows.append((f"tokenizer.py training, {len(files)} files, vocab {args.vocab_size}: {wall:.1f} s",
                      "", "", "", f"{rss:.0f} MB"))
 
-    docs = list(common.iter_documents(files, num_docs=0))
+    docs = list(corpus.iter_documents(files, num_docs=0))
     text_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     tok = common.load_tokenizer(tok_path)
     tok.no_padding()

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 import common
+import corpus
 from common import SEP_ID, SPECIAL_TOKENS, UserError
 
 FORMAT = 1
@@ -53,7 +54,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
 
     Nothing in out_dir changes before the inputs are checked (tokenizer, at least one document, writable folder,
     no complete data there unless overwrite). With overwrite, the old meta.json goes first, so that an interrupted
-    run leaves a folder no reader accepts. source_stats: the stats dict of common.iter_documents, for the
+    run leaves a folder no reader accepts. source_stats: the stats dict of corpus.iter_documents, for the
     replaced-bytes count. Memory stays bounded: batches of about batch_bytes of text are encoded and appended.
     """
     if not 0 <= val_fraction < 1:
@@ -335,13 +336,13 @@ def main() -> None:
     p.add_argument("--batch_mb", type=float, default=1.0,
                    help="MB of text encoded per batch: larger keeps cores busier, smaller uses less memory "
                         "(default: 1)")
-    common.add_source_args(p)
+    corpus.add_source_args(p)
     args = p.parse_args()
 
     if not 0 < args.batch_mb < math.inf:
         raise UserError(f"--batch_mb must be a positive number, got {args.batch_mb}")
     stats: dict = {}
-    documents = common.documents_from_args(args, stats)
+    documents = corpus.documents_from_args(args, stats)
     meta = prepare(documents, args.tokenizer, args.out, val_fraction=args.val_fraction, val_docs=args.val_docs,
                    overwrite=args.overwrite, sources=stats["sources"], source_stats=stats,
                    batch_bytes=max(1, int(args.batch_mb * 1e6)))

@@ -29,10 +29,11 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import common
+import corpus
 import hf
 import model as bert
 import train
-from common import CLS_ID, SEP_ID, UserError
+from common import CLS_ID, SEP_ID, UserError, first_line
 
 # ----------------------------------------------------------------------------------------------------------
 # The GLUE tasks
@@ -292,8 +293,7 @@ def read_hub_split(task: Task, split: Split) -> Examples:
     try:
         ds = datasets.load_dataset("nyu-mll/glue", config, split=name)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load nyu-mll/glue {config} [{name}]: {first_line}") from None
+        raise UserError(f"cannot load nyu-mll/glue {config} [{name}]: {first_line(e)}") from None
     if task.labels is not None:
         names = tuple(ds.features["label"].names)
         if names != task.hf_label_names:
@@ -321,7 +321,7 @@ def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, req
     """
     if glue_dir is None:
         try:
-            common.check_hub_reachable()
+            corpus.check_hub_reachable()
         except UserError as e:
             raise UserError(f"{str(e).split('; ')[0]}; read local GLUE files instead: --glue_dir DIR "
                             "(download_glue_data.py layout)") from None

@@ -33,7 +33,7 @@ from tokenizers import AddedToken, models, normalizers
 
 import common
 import model as bert
-from common import PAD_ID, SPECIAL_TOKENS, UserError
+from common import PAD_ID, SPECIAL_TOKENS, UserError, first_line
 from tokenizer import SPECIAL_KEYS, build_tokenizer, for_transformers
 
 # model_type -> (prefix of the encoder's tensors in the *For...* classes, the class export writes)
@@ -289,8 +289,7 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         try:
             tensors.update(load_file(path))
         except Exception as e:  # safetensors raises its own error types; a bad file is the user's input
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"cannot read {path}: {first_line}") from None
+            raise UserError(f"cannot read {path}: {first_line(e)}") from None
     return {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
             for k, v in tensors.items()}
 

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm import tqdm
 
 import common
+import corpus
 from common import CLS_ID, SEP_ID, SPECIAL_TOKENS, UserError
 
 SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")  # tokenizer_config.json names
@@ -128,7 +129,7 @@ def main() -> None:
                    help="a pair must occur this often to be merged into a new token (default: 2)")
     p.add_argument("--limit_alphabet", type=int, default=1000,
                    help="keep at most this many distinct characters; rarer ones become [UNK] (default: 1000)")
-    common.add_source_args(p)
+    corpus.add_source_args(p)
     args = p.parse_args()
 
     check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
@@ -137,7 +138,7 @@ def main() -> None:
         if path:
             common.check_new_file(path, args.overwrite)
     stats: dict = {}
-    documents = common.require_documents(common.documents_from_args(args, stats), stats)
+    documents = corpus.require_documents(corpus.documents_from_args(args, stats), stats)
     start = time.time()
     tok = train_tokenizer(_with_progress(documents, stats), args.vocab_size, cased=args.cased,
                           min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
