@@ -28,331 +28,16 @@ import optax
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+import checkpoint
 import common
-import corpus
+import glue
 import hf
 import model as bert
-import train
-from common import CLS_ID, SEP_ID, UserError, first_line
+from common import CLS_ID, SEP_ID, UserError
 
-# ----------------------------------------------------------------------------------------------------------
-# The GLUE tasks
-
-
-@dataclass(frozen=True)
-class Split:
-    file: str  # path under --glue_dir
-    hf: tuple[str, str]  # (config, split) of the Hub dataset nyu-mll/glue
-    suffix: str = ""  # dev: appended to metric names when a task has two dev sets (MNLI: acc_m, acc_mm)
-    submission: str = ""  # test: the file name the GLUE server expects
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str  # GLUE's spelling, as in the leaderboard
-    labels: tuple[str, ...] | None  # label strings in the TSV files, index = class id; None = regression
-    metrics: tuple[str, ...]  # the official metrics, leaderboard order
-    lr: float  # default peak learning rate
-    columns: tuple[str, ...]  # TSV header names of sentence A (and B)
-    label_column: str
-    hf_columns: tuple[str, ...]  # the same sentences in the Hub dataset
-    hf_label_names: tuple[str, ...] | None  # the Hub's ClassLabel names, which must line up with labels
-    train: Split
-    dev: tuple[Split, ...]
-    test: tuple[Split, ...]
-    headerless: tuple[str, ...] = ()  # column names of train/dev files that have no header line (CoLA)
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
-
-def _splits(d: str, hf: str, test_name: str):
-    return (Split(f"{d}/train.tsv", (hf, "train")), (Split(f"{d}/dev.tsv", (hf, "validation")),),
-            (Split(f"{d}/test.tsv", (hf, "test"), submission=f"{test_name}.tsv"),))
-
-
-_BINARY = ("0", "1")
-_NLI2 = ("entailment", "not_entailment")
-_NLI3 = ("entailment", "neutral", "contradiction")
-
-# Learning rates from BERT's grid (2e-5..5e-5): the small sets take the top of it since they get few steps.
-TASKS: dict[str, Task] = {
-    "cola": Task("CoLA", _BINARY, ("mcc",), 5e-5, ("sentence",), "label", ("sentence",),
-                 ("unacceptable", "acceptable"), *_splits("CoLA", "cola", "CoLA"),
-                 headerless=("source", "label", "original_label", "sentence")),
-    "sst2": Task("SST-2", _BINARY, ("acc",), 3e-5, ("sentence",), "label", ("sentence",),
-                 ("negative", "positive"), *_splits("SST-2", "sst2", "SST-2")),
-    "mrpc": Task("MRPC", _BINARY, ("f1", "acc"), 5e-5, ("#1 String", "#2 String"), "Quality",
-                 ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), *_splits("MRPC", "mrpc", "MRPC")),
-    "stsb": Task("STS-B", None, ("pearson", "spearman"), 5e-5, ("sentence1", "sentence2"), "score",
-                 ("sentence1", "sentence2"), None, *_splits("STS-B", "stsb", "STS-B")),
-    "qqp": Task("QQP", _BINARY, ("f1", "acc"), 3e-5, ("question1", "question2"), "is_duplicate",
-                ("question1", "question2"), ("not_duplicate", "duplicate"), *_splits("QQP", "qqp", "QQP")),
-    "mnli": Task("MNLI", _NLI3, ("acc",), 3e-5, ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"),
-                 _NLI3, Split("MNLI/train.tsv", ("mnli", "train")),
-                 (Split("MNLI/dev_matched.tsv", ("mnli", "validation_matched"), suffix="_m"),
-                  Split("MNLI/dev_mismatched.tsv", ("mnli", "validation_mismatched"), suffix="_mm")),
-                 (Split("MNLI/test_matched.tsv", ("mnli", "test_matched"), submission="MNLI-m.tsv"),
-                  Split("MNLI/test_mismatched.tsv", ("mnli", "test_mismatched"), submission="MNLI-mm.tsv"),
-                  # AX, the diagnostic set, has no training data: the server scores the MNLI model on it.
-                  Split("diagnostic/diagnostic.tsv", ("ax", "test"), submission="AX.tsv"))),
-    "qnli": Task("QNLI", _NLI2, ("acc",), 3e-5, ("question", "sentence"), "label", ("question", "sentence"),
-                 _NLI2, *_splits("QNLI", "qnli", "QNLI")),
-    "rte": Task("RTE", _NLI2, ("acc",), 5e-5, ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"),
-                _NLI2, *_splits("RTE", "rte", "RTE")),
-    "wnli": Task("WNLI", _BINARY, ("acc",), 2e-5, ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"),
-                 ("not_entailment", "entailment"), *_splits("WNLI", "wnli", "WNLI")),
-}
-AX_FILE = "AX.tsv"
-STSB_RANGE = (0.0, 5.0)
 # BERT's grid is for BERT-base. Models narrower than 512 (tiny, mini) barely move at those rates: mini on SST-2
 # at 3e-5 kept train loss at 0.65 after 564 steps, at 2e-4 it fell to 0.2 (README, results/sst2/).
 NARROW_HIDDEN, NARROW_LR = 512, 2e-4
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics (numpy; scores are fractions, shown x100 in tables)
-
-
-def accuracy(pred: np.ndarray, label: np.ndarray) -> float:
-    return float(np.mean(pred == label))
-
-
-def _confusion(pred, label):
-    pred, label = np.asarray(pred) == 1, np.asarray(label) == 1
-    tp, tn = float(np.sum(pred & label)), float(np.sum(~pred & ~label))
-    fp, fn = float(np.sum(pred & ~label)), float(np.sum(~pred & label))
-    return tp, tn, fp, fn
-
-
-def f1(pred: np.ndarray, label: np.ndarray) -> float:
-    """F1 of the positive class (1); 0 when there are no positives predicted nor present (sklearn's choice)."""
-    tp, _, fp, fn = _confusion(pred, label)
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-
-
-def matthews_corr(pred: np.ndarray, label: np.ndarray) -> float:
-    """Matthews correlation of binary predictions; 0 when a margin is empty (sklearn's choice)."""
-    tp, tn, fp, fn = _confusion(pred, label)
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return float((tp * tn - fp * fn) / denom) if denom else 0.0
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; 0 when either side is constant (no linear relation can be measured)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt(np.sum(x * x) * np.sum(y * y))
-    return float(np.sum(x * y) / denom) if denom else 0.0
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(average_ranks(x), average_ranks(y))
-
-
-METRICS = {"acc": accuracy, "f1": f1, "mcc": matthews_corr, "pearson": pearson, "spearman": spearman}
-
-
-def task_metrics(task: Task, outputs: np.ndarray, labels: np.ndarray, suffix: str = "") -> dict[str, float]:
-    """outputs [N, num_labels] (logits, or the score for regression) -> {metric + suffix: value}."""
-    pred = outputs[:, 0] if task.labels is None else np.argmax(outputs, axis=-1)
-    return {f"{m}{suffix}": METRICS[m](pred, labels) for m in task.metrics}
-
-
-def task_score(metrics: dict[str, float]) -> float:
-    """A task's single GLUE number: the unweighted mean of its metrics (MNLI: of matched and mismatched acc)."""
-    return float(np.mean(list(metrics.values())))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading GLUE
-
-
-@dataclass
-class Examples:
-    text_a: list[str]
-    text_b: list[str] | None
-    labels: np.ndarray | None  # [N] int32 class ids or float32 scores; None for test sets
-    index: list[str]  # the row ids the test server matches predictions to
-    skipped: int = 0  # malformed rows left out (--skip_bad_rows)
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.text_a)
-
-    def head(self, n: int) -> "Examples":
-        return self.take(np.arange(min(n, len(self))))
-
-    def take(self, rows: np.ndarray, source: str | None = None) -> "Examples":
-        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
-        return Examples(pick(self.text_a), None if self.text_b is None else pick(self.text_b),
-                        None if self.labels is None else self.labels[rows], pick(self.index), self.skipped,
-                        self.source if source is None else source)
-
-
-def split_holdout(train_set: Examples, fraction: float) -> tuple[Examples, Examples]:
-    """(train, held out): a fixed random `fraction` of the training rows (the same for every seed and run)."""
-    order = np.random.default_rng(0).permutation(len(train_set))
-    n_held = max(1, round(fraction * len(train_set)))
-    held, kept = np.sort(order[:n_held]), np.sort(order[n_held:])
-    return train_set.take(kept), train_set.take(held, f"{train_set.source} (held-out {fraction:g} of the rows)")
-
-
-def read_tsv(path: str, names: tuple[str, ...] = (), skip_bad_rows: bool = False):
-    """A GLUE TSV file -> (column names, [(line number, fields)], number of skipped rows).
-
-    Lines are split on tabs only, never by a CSV reader: QNLI, STS-B and MRPC sentences hold quote characters
-    that are text. utf-8-sig drops MRPC's byte-order mark. names: the columns of a file without a header (CoLA).
-    A row whose field count differs from the header's is an error, or skipped and counted with skip_bad_rows.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"missing GLUE file {path}")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); is this a GLUE TSV file?") from None
-    lines = text.split("\n")
-    if lines[-1] == "":  # the final newline; a last line without one is kept
-        lines.pop()
-    first = 1
-    if not names:
-        if not lines:
-            raise UserError(f"{path} is empty (no header line)")
-        names, first = tuple(lines[0].rstrip("\r").split("\t")), 2
-    rows, skipped = [], 0
-    for line_no, line in enumerate(lines[first - 1:], start=first):
-        fields = line.rstrip("\r").split("\t")
-        if len(fields) != len(names):
-            if not skip_bad_rows:
-                raise UserError(f"{path}:{line_no}: expected {len(names)} tab-separated fields, found "
-                                f"{len(fields)} (--skip_bad_rows skips such rows)")
-            skipped += 1
-            continue
-        rows.append((line_no, fields))
-    return names, rows, skipped
-
-
-def _column(path: str, names: tuple[str, ...], want: str) -> int:
-    if want not in names:
-        raise UserError(f"{path}: no column {want!r} in the header ({', '.join(names)}); is this the right task?")
-    return names.index(want)
-
-
-def parse_label(task: Task, value: str, where: str):
-    if task.labels is None:
-        try:
-            score = float(value)
-        except ValueError:
-            score = float("nan")
-        if not STSB_RANGE[0] <= score <= STSB_RANGE[1]:
-            raise UserError(f"{where}: {task.name} score {value!r} is not a number in "
-                            f"[{STSB_RANGE[0]:g}, {STSB_RANGE[1]:g}]")
-        return score
-    if value not in task.labels:
-        raise UserError(f"{where}: label {value!r} is not one of {task.name}'s labels ({', '.join(task.labels)})")
-    return task.labels.index(value)
-
-
-def read_glue_file(task: Task, path: str, labelled: bool, skip_bad_rows: bool = False) -> Examples:
-    """One split of a task from its GLUE TSV file; labelled: train/dev (labels required) or test (row ids)."""
-    headerless = task.headerless if labelled else ()
-    names, rows, skipped = read_tsv(path, headerless, skip_bad_rows)
-    if not rows:
-        raise UserError(f"{path} has no data rows")
-    text_cols = [_column(path, names, c) for c in task.columns]
-    a = [fields[text_cols[0]] for _, fields in rows]
-    b = [fields[text_cols[1]] for _, fields in rows] if len(text_cols) > 1 else None
-    labels, index = None, [str(i) for i in range(len(rows))]
-    if labelled:
-        col = _column(path, names, task.label_column)
-        values = [parse_label(task, fields[col], f"{path}:{n}") for n, fields in rows]
-        labels = np.asarray(values, np.float32 if task.labels is None else np.int32)
-    else:
-        id_col = next((names.index(c) for c in ("index", "id") if c in names), None)
-        if id_col is not None:
-            index = [fields[id_col] for _, fields in rows]
-    if skipped:
-        print(f"note: skipped {skipped} malformed row(s) in {path}" +
-              ("; the test server will reject a submission with missing rows" if not labelled else ""))
-    return Examples(a, b, labels, index, skipped, path)
-
-
-def read_hub_split(task: Task, split: Split) -> Examples:
-    """One split from the Hub dataset nyu-mll/glue (test labels there are -1: returned unlabelled)."""
-    import datasets  # slow import: only for the Hub
-
-    config, name = split.hf
-    try:
-        ds = datasets.load_dataset("nyu-mll/glue", config, split=name)
-    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        raise UserError(f"cannot load nyu-mll/glue {config} [{name}]: {first_line(e)}") from None
-    if task.labels is not None:
-        names = tuple(ds.features["label"].names)
-        if names != task.hf_label_names:
-            raise UserError(f"nyu-mll/glue {config}: label names {names} differ from {task.hf_label_names}")
-    a = list(ds[task.hf_columns[0]])
-    b = list(ds[task.hf_columns[1]]) if len(task.hf_columns) > 1 else None
-    labels = np.asarray(ds["label"], np.float32 if task.labels is None else np.int32)
-    unlabelled = name.startswith("test")
-    return Examples(a, b, None if unlabelled else labels, [str(i) for i in ds["idx"]], 0,
-                    f"hf:nyu-mll/glue/{config}[{name}]")
-
-
-def missing_files(task: Task, glue_dir: str, splits=None) -> list[str]:
-    splits = (task.train, *task.dev) if splits is None else splits
-    return [p for p in (os.path.join(glue_dir, s.file) for s in splits) if not os.path.isfile(p)]
-
-
-def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, require_test: bool = True,
-              holdout: float = 0.0):
-    """-> (train, {dev suffix: Examples}, {submission file: Examples}).
-
-    A missing train or dev file is an error, except that with holdout > 0 a task without dev files is scored
-    on that fraction of its training rows, held out. A missing test file is an error if require_test, else its
-    submission is not written (with a note). A missing diagnostic file (AX, from the MNLI model) only skips AX.tsv.
-    """
-    if glue_dir is None:
-        try:
-            corpus.check_hub_reachable()
-        except UserError as e:
-            raise UserError(f"{str(e).split('; ')[0]}; read local GLUE files instead: --glue_dir DIR "
-                            "(download_glue_data.py layout)") from None
-        return (read_hub_split(task, task.train), {s.suffix: read_hub_split(task, s) for s in task.dev},
-                {s.submission: read_hub_split(task, s) for s in task.test})
-    if not os.path.isdir(glue_dir):
-        raise UserError(f"--glue_dir {glue_dir} is not a folder")
-    dev_missing = bool(missing_files(task, glue_dir, task.dev))
-    use_holdout = holdout > 0 and dev_missing
-    required = ([task.train] + ([] if use_holdout else list(task.dev))
-                + ([s for s in task.test if s.submission != AX_FILE] if require_test else []))
-    missing = missing_files(task, glue_dir, required)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"missing GLUE file {missing[0]}{more}")
-    path = lambda s: os.path.join(glue_dir, s.file)  # noqa: E731
-    train_set = read_glue_file(task, path(task.train), True, skip_bad_rows)
-    if use_holdout:
-        print(f"note: no {task.name} dev file: scoring on a held-out {holdout:g} of {path(task.train)}")
-        train_set, held = split_holdout(train_set, holdout)
-        dev = {task.dev[0].suffix: held}
-    else:
-        dev = {s.suffix: read_glue_file(task, path(s), True, skip_bad_rows) for s in task.dev}
-    test = {}
-    for s in task.test:
-        if not os.path.isfile(path(s)) and (s.submission == AX_FILE or not require_test):
-            print(f"note: no {path(s)}: {s.submission} is not written")
-            continue
-        test[s.submission] = read_glue_file(task, path(s), False, skip_bad_rows)
-    return train_set, dev, test
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenising and length bucketing
@@ -377,7 +62,7 @@ def prepare_tokenizer(tok: Tokenizer, max_len: int) -> Tokenizer:
     return tok
 
 
-def encode(tok: Tokenizer, examples: Examples, max_len: int, chunk: int = 20000) -> Encoded:
+def encode(tok: Tokenizer, examples: glue.Examples, max_len: int, chunk: int = 20000) -> Encoded:
     """Tokenise with a tokenizer made ready by prepare_tokenizer(tok, max_len)."""
     n = len(examples)
     ids = np.zeros((n, max_len), np.int32)
@@ -475,7 +160,7 @@ def task_loss(logits, labels, weights, regression: bool):
     return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def default_lr(task: Task, cfg: bert.BertConfig) -> float:
+def default_lr(task: glue.Task, cfg: bert.BertConfig) -> float:
     """Peak learning rate without --lr: the task's, or NARROW_LR for a model narrower than NARROW_HIDDEN."""
     return NARROW_LR if cfg.hidden_size < NARROW_HIDDEN else task.lr
 
@@ -563,17 +248,14 @@ def load_init(args) -> Init:
                         "PRESET for random ones")
     if args.model:
         raise UserError("--model only applies with --from_scratch; the checkpoint fixes the model shape")
-    params, state = train.load_checkpoint(args.init)
+    params, state = checkpoint.load_checkpoint(args.init)
     ckpt, ckpt_tok_path = state["path"], state["tokenizer_path"]
     if not args.tokenizer and not os.path.isfile(ckpt_tok_path):
         raise UserError(f"checkpoint {ckpt} has no tokenizer.json; pass the one it was pretrained with: "
                         "--tokenizer FILE")
     tok_path = args.tokenizer or ckpt_tok_path
     tok = common.load_tokenizer(tok_path)
-    try:
-        cfg = dataclasses.replace(bert.BertConfig(**state["config"]), **overrides)
-    except (TypeError, KeyError) as e:
-        raise UserError(f"checkpoint {ckpt}: unreadable model config in state.json ({e})") from None
+    cfg = dataclasses.replace(checkpoint.model_config(state), **overrides)
     if tok.get_vocab_size() != cfg.vocab_size:
         raise UserError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but checkpoint {ckpt} was trained "
                         f"with vocab_size {cfg.vocab_size}: use the tokenizer it was pretrained with")
@@ -605,7 +287,8 @@ def _jitted_init(cfg: bert.BertConfig, num_labels: int):
     return jax.jit(bert.classifier_model(cfg, num_labels).init)  # compiled once: faster than op by op
 
 
-def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, key) -> tuple[dict, list[str]]:
+def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, key,
+                source: str = "the checkpoint") -> tuple[dict, list[str]]:
     """Classifier params: encoder from the checkpoint, new head (pooler, classifier) from key.
 
     -> (params, names of freshly initialised params). An encoder param the checkpoint lacks, or one whose shape
@@ -615,23 +298,10 @@ def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, 
     params = _jitted_init(cfg, num_labels)(key, tokens, tokens, jnp.ones((1, 2), bool))
     if pretrained is None:
         return params, [f"{m}/{n}" for m, leaves in params.items() for n in leaves]
-    encoder = jax.eval_shape(bert.mlm_model(cfg).init, key, tokens, jnp.zeros((1, 1), jnp.int32))
-    merged, fresh = {}, []
-    for module, leaves in params.items():
-        merged[module] = {}
-        for name, value in leaves.items():
-            got = pretrained.get(module, {}).get(name)
-            if got is None:
-                if name in encoder.get(module, {}):
-                    raise UserError(f"the checkpoint lacks encoder parameter {module}/{name}")
-                fresh.append(f"{module}/{name}")
-                merged[module][name] = value
-            elif tuple(got.shape) != tuple(value.shape):
-                raise UserError(f"checkpoint parameter {module}/{name} has shape {tuple(got.shape)}, the model "
-                                f"needs {tuple(value.shape)}")
-            else:
-                merged[module][name] = jnp.asarray(got, value.dtype)
-    return merged, fresh
+    mlm = jax.eval_shape(bert.mlm_model(cfg).init, key, tokens, jnp.zeros((1, 1), jnp.int32))
+    encoder = {f"{m}/{n}" for m, leaves in mlm.items() for n in leaves}
+    merged, fresh = checkpoint.merge_params(params, pretrained, source, encoder, notes=False)
+    return jax.tree.map(jnp.asarray, merged), fresh
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -647,7 +317,7 @@ class TaskData:
     info: dict
 
 
-def encode_task(tok: Tokenizer, train_set: Examples, dev: dict, test: dict, max_len: int) -> TaskData:
+def encode_task(tok: Tokenizer, train_set: glue.Examples, dev: dict, test: dict, max_len: int) -> TaskData:
     describe = lambda e: {"rows": len(e), "source": e.source, "skipped_rows": e.skipped}  # noqa: E731
     info = {"train": describe(train_set), "dev": {s or "dev": describe(e) for s, e in dev.items()},
             "test": {f: describe(e) for f, e in test.items()}}
@@ -656,25 +326,12 @@ def encode_task(tok: Tokenizer, train_set: Examples, dev: dict, test: dict, max_
                     {f: (encode(tok, e, max_len), e.index) for f, e in test.items()}, info)
 
 
-def evaluate(task: Task, logits_fn, params, data: TaskData, args) -> dict[str, float]:
+def evaluate(task: glue.Task, logits_fn, params, data: TaskData, args) -> dict[str, float]:
     metrics = {}
     for suffix, (enc, labels) in data.dev.items():
         outputs = predict(logits_fn, params, enc, args.eval_batch_size, args.pad_multiple)
-        metrics.update(task_metrics(task, outputs, labels, suffix))
+        metrics.update(glue.task_metrics(task, outputs, labels, suffix))
     return metrics
-
-
-def prediction_strings(task: Task, outputs: np.ndarray) -> list[str]:
-    if task.labels is None:
-        return [f"{x:.3f}" for x in outputs[:, 0]]
-    return [task.labels[i] for i in np.argmax(outputs, axis=-1)]
-
-
-def write_submission(path: str, index: list[str], predictions: list[str]) -> None:
-    """GLUE server format: header 'index<TAB>prediction', one row per test example, in the file's order."""
-    assert len(index) == len(predictions), (len(index), len(predictions))
-    lines = ["index\tprediction"] + [f"{i}\t{p}" for i, p in zip(index, predictions)]
-    common.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches: list, args, key, step: int,
@@ -697,7 +354,7 @@ def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches
     return tuple(state), step, float(jnp.mean(jnp.stack(losses)))
 
 
-def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, lr_fn, log_dir: str) -> dict:
+def train_seed(task: glue.Task, init: Init, data: TaskData, args, seed: int, lr_fn, log_dir: str) -> dict:
     """Finetune from init with one seed; evaluate on dev after each epoch; predict test with the best epoch."""
     from tensorboardX import SummaryWriter
 
@@ -723,7 +380,7 @@ def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, lr_fn, l
                                                   on_log)
             train_seconds = time.time() - start
             metrics = evaluate(task, logits_fn, state[0], data, args)
-            score = task_score(metrics)
+            score = glue.task_score(metrics)
             for name, value in metrics.items():
                 writer.add_scalar(f"dev/{name}", value, step)
             record = {"epoch": epoch, "steps": step, "train_loss": train_loss, "dev": metrics, "score": score,
@@ -743,7 +400,7 @@ def train_seed(task: Task, init: Init, data: TaskData, args, seed: int, lr_fn, l
             "best_score": best_record["score"], "new_params": fresh, "test_outputs": test_outputs}
 
 
-def run_task(task: Task, init: Init, data: TaskData, args) -> dict:
+def run_task(task: glue.Task, init: Init, data: TaskData, args) -> dict:
     """All seeds of one task -> the results dict (also written to out_dir/<TASK>.json) and submission files."""
     start = time.time()
     lr = args.lr if args.lr is not None else default_lr(task, init.cfg)
@@ -757,11 +414,8 @@ def run_task(task: Task, init: Init, data: TaskData, args) -> dict:
                                os.path.join(args.out_dir, "tb", task.name, f"seed{seed}")))
     # The submission comes from the median seed (by its best dev score; the upper one of two middles).
     chosen = sorted(runs, key=lambda r: (r["best_score"], r["seed"]))[len(runs) // 2]
-    submission_dir = os.path.join(args.out_dir, "submission")
-    written = []
-    for file, outputs in chosen["test_outputs"].items():
-        write_submission(os.path.join(submission_dir, file), data.test[file][1], prediction_strings(task, outputs))
-        written.append(os.path.join(submission_dir, file))
+    written = glue.write_submissions(task, chosen["test_outputs"], {f: index for f, (_, index) in data.test.items()},
+                                     os.path.join(args.out_dir, "submission"))
     median = {k: statistics.median(r["best"][k] for r in runs) for k in runs[0]["best"]}
     result = {
         "task": task.name, "metrics": list(median), "median": median,
@@ -782,51 +436,15 @@ def run_task(task: Task, init: Init, data: TaskData, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The GLUE table
-
-# Leaderboard columns: (header, task key, metrics shown "a/b").
-TABLE = [("CoLA", "cola", ("mcc",)), ("SST-2", "sst2", ("acc",)), ("MRPC", "mrpc", ("f1", "acc")),
-         ("STS-B", "stsb", ("pearson", "spearman")), ("QQP", "qqp", ("f1", "acc")), ("MNLI-m", "mnli", ("acc_m",)),
-         ("MNLI-mm", "mnli", ("acc_mm",)), ("QNLI", "qnli", ("acc",)), ("RTE", "rte", ("acc",)),
-         ("WNLI", "wnli", ("acc",))]
-
-
-def glue_score(medians: dict[str, dict[str, float]]) -> float:
-    """The GLUE score: the unweighted mean over tasks of each task's score, where a task with two metrics
-    (MRPC, QQP, STS-B) counts their mean and MNLI counts once, as the mean of matched and mismatched accuracy;
-    AX is not part of it. This reproduces the leaderboard: e.g. BERT-large's rows (CoLA 60.5, SST-2 94.9,
-    MRPC 89.3/85.4, STS-B 87.6/86.5, QQP 72.1/89.3, MNLI 86.7/85.9, QNLI 92.7, RTE 70.1, WNLI 65.1) give 80.5,
-    its listed score (counting MNLI-m and MNLI-mm as two tasks would give 81.1)."""
-    return float(np.mean([task_score(m) for m in medians.values()]))
-
-
-def glue_table(medians: dict[str, dict[str, float]]) -> str:
-    """medians: task key -> median metrics (fractions). Cells x100; '-' for tasks not run."""
-    cells = []
-    for header, key, names in TABLE:
-        m = medians.get(key)
-        cells.append("-" if m is None else "/".join(f"{100 * m[n]:.1f}" for n in names))
-    headers = [h for h, _, _ in TABLE] + ["Score"]
-    cells.append(f"{100 * glue_score(medians):.1f}" if medians else "-")
-    widths = [max(len(h), len(c)) for h, c in zip(headers, cells)]
-    line = lambda row: "  ".join(s.rjust(w) for s, w in zip(row, widths))  # noqa: E731
-    return line(headers) + "\n" + line(cells)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # CLI
 
 
 DEFAULT_INIT = "out"
 
 
-def _task_key(s: str) -> str:
-    return s.lower().replace("-", "")  # accepts GLUE's spellings too: SST-2, STS-B, MNLI
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, type=_task_key, choices=[*TASKS, "all"],
+    p.add_argument("--task", required=True, type=glue.task_key, choices=[*glue.TASKS, "all"],
                    help="GLUE task, or 'all' for every task with train and dev data plus a GLUE table "
                         "(AX, the diagnostic set, is predicted with the MNLI model)")
     p.add_argument("--glue_dir", help="read the GLUE TSV files from this folder (download_glue_data.py layout: "
@@ -851,7 +469,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size "
                    f"under {NARROW_HIDDEN}, such as tiny and mini; else per task, "
-                   + ", ".join(f"{t.name} {t.lr:g}" for t in TASKS.values()) + ")")
+                   + ", ".join(f"{t.name} {t.lr:g}" for t in glue.TASKS.values()) + ")")
     g.add_argument("--epochs", type=int, default=3, help="epochs over the training set (default: 3)")
     g.add_argument("--batch_size", type=int, default=32, help="training batch size (default: 32)")
     g.add_argument("--max_len", type=int, default=128,
@@ -893,15 +511,15 @@ def parse_args(argv=None):
     return args
 
 
-def load_for_run(task: Task, args, init: Init, required: bool) -> TaskData | None:
+def load_for_run(task: glue.Task, args, init: Init, required: bool) -> TaskData | None:
     """Read and tokenise a task. required=False (--task all): a task lacking train or dev data is skipped
     (None) and one lacking test data runs without writing its submission file, each with a note."""
     if not required and args.glue_dir is not None:
-        missing = missing_files(task, args.glue_dir, [task.train] + ([] if args.holdout else list(task.dev)))
+        missing = glue.missing_files(task, args.glue_dir, [task.train] + ([] if args.holdout else list(task.dev)))
         if missing:
             print(f"note: skipping {task.name}: missing " + ", ".join(missing))
             return None
-    train_set, dev, test = load_task(task, args.glue_dir, args.skip_bad_rows, required, args.holdout)
+    train_set, dev, test = glue.load_task(task, args.glue_dir, args.skip_bad_rows, required, args.holdout)
     if args.max_train_examples:
         train_set = train_set.head(args.max_train_examples)
     return encode_task(init.tokenizer, train_set, dev, test, args.max_len)
@@ -909,7 +527,7 @@ def load_for_run(task: Task, args, init: Init, required: bool) -> TaskData | Non
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    keys = list(dict.fromkeys(key for _, key, _ in TABLE)) if args.task == "all" else [args.task]
+    keys = list(dict.fromkeys(key for _, key, _ in glue.TABLE)) if args.task == "all" else [args.task]
     init = load_init(args)
     if args.max_len > init.cfg.max_position:
         raise UserError(f"--max_len {args.max_len} exceeds the model's max_position {init.cfg.max_position}")
@@ -922,18 +540,18 @@ def main(argv=None) -> dict:
     except OSError as e:
         raise UserError(f"cannot create --out_dir {args.out_dir}: {e.strerror or e}") from None
     # Read every task before training any, so that bad data stops the run at once, not hours in.
-    loaded = {key: load_for_run(TASKS[key], args, init, required=args.task != "all") for key in keys}
-    results = {key: run_task(TASKS[key], init, data, args) for key, data in loaded.items() if data is not None}
+    loaded = {key: load_for_run(glue.TASKS[key], args, init, required=args.task != "all") for key in keys}
+    results = {key: run_task(glue.TASKS[key], init, data, args) for key, data in loaded.items() if data is not None}
     if args.task == "all":
         if not results:
             raise UserError(f"no GLUE task has both train and dev data under {args.glue_dir}")
         medians = {k: r["median"] for k, r in results.items()}
-        table = glue_table(medians)
-        note = "" if len(medians) == len(TASKS) else \
-            f" ({len(medians)} of {len(TASKS)} tasks: not comparable to the leaderboard's score)"
+        table = glue.glue_table(medians)
+        note = "" if len(medians) == len(glue.TASKS) else \
+            f" ({len(medians)} of {len(glue.TASKS)} tasks: not comparable to the leaderboard's score)"
         print(f"\nGLUE dev scores, median of {args.seeds} seed(s){note}:\n{table}")
         common.atomic_write_json(os.path.join(args.out_dir, "glue.json"),
-                                 {"medians": medians, "score": glue_score(medians), "tasks": list(medians),
+                                 {"medians": medians, "score": glue.glue_score(medians), "tasks": list(medians),
                                   "table": table, "seeds": args.seeds})
     return results
 

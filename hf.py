@@ -31,6 +31,7 @@ import re
 import numpy as np
 from tokenizers import AddedToken, models, normalizers
 
+import checkpoint
 import common
 import model as bert
 from common import PAD_ID, SPECIAL_TOKENS, UserError, first_line
@@ -354,26 +355,6 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
     return cfg, params, tokenizer_bytes, info
 
 
-def merge_params(fresh: dict, loaded: dict, source: str) -> dict:
-    """fresh (a model's initial params) with every module that loaded has (same shapes): the heads the checkpoint
-    lacks stay fresh, and a notice names them, and the loaded modules this model has no use for."""
-    new, unused = sorted(set(fresh) - set(loaded)), sorted(set(loaded) - set(fresh))
-    if new:
-        print(f"note: {source} lacks {', '.join(new)}: initialised fresh")
-    if unused:
-        print(f"note: {source}: not used by this model: {', '.join(unused)}")
-    out = {}
-    for module, leaves in fresh.items():
-        out[module] = {}
-        for name, value in leaves.items():
-            got = loaded.get(module, {}).get(name, None)
-            if got is not None and tuple(got.shape) != tuple(value.shape):
-                raise UserError(f"{source}: {module}/{name} has shape {tuple(got.shape)}, the model needs "
-                                f"{tuple(value.shape)}")
-            out[module][name] = np.asarray(value if got is None else got, np.float32)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Export
 
@@ -382,8 +363,6 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     config.json, model.safetensors, tokenizer.json, tokenizer_config.json. Written under a temporary name, then
     renamed; an existing out_dir is refused, or with overwrite replaced if it holds only those files. Returns the
     transformers class name."""
-    import train  # here, not at the top: train.py imports this module
-
     out_dir = out_dir.rstrip("/") or out_dir
     if os.path.exists(out_dir):
         if not overwrite:
@@ -397,11 +376,8 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise UserError(f"cannot write {out_dir}: folder {parent} does not exist")
-    params, state = train.load_checkpoint(ckpt_dir)
-    try:
-        cfg = bert.BertConfig(**state["config"])
-    except (TypeError, KeyError) as e:
-        raise UserError(f"checkpoint {state['path']}: unreadable model config in state.json ({e})") from None
+    params, state = checkpoint.load_checkpoint(ckpt_dir)
+    cfg = checkpoint.model_config(state)
     tok = common.load_tokenizer(state["tokenizer_path"])
     if tok.get_vocab_size() != cfg.vocab_size:
         raise UserError(f"{state['tokenizer_path']} has {tok.get_vocab_size()} tokens, the model {cfg.vocab_size}")

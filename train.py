@@ -16,11 +16,8 @@ writes checkpoints and logs; checkpoints must be on a filesystem every host can 
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -34,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import hf
@@ -43,9 +41,6 @@ from common import UserError
 # Masking randomness must not depend on how the batch is split over devices (1 device == N devices).
 jax.config.update("jax_threefry_partitionable", True)
 
-CKPT_FORMAT = 1
-CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
-TMP_PREFIX = ".tmp-ckpt_"
 # Flags that change how a run is executed or reported, never its numbers; a resumed run may change them freely.
 OPERATIONAL_FLAGS = {"data_dir", "tokenizer", "out_dir", "resume", "log_every", "eval_every", "ckpt_every",
                      "keep_ckpts", "peak_flops", "micro_batch_size", "decode_all", "coordinator", "num_processes",
@@ -183,10 +178,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]
     args = parser.parse_args(argv)
     if not args.resume:
         return args, None
-    path = latest_checkpoint(args.out_dir)
+    path = checkpoint.latest_checkpoint(args.out_dir)
     if path is None:
         raise UserError(f"--resume: no complete checkpoint in {args.out_dir}")
-    saved = read_state(path)
+    saved = checkpoint.read_state(path)
     seeded = {k: v for k, v in saved["args"].items() if k not in PER_PROCESS_FLAGS}
     args = parser.parse_args(argv, namespace=argparse.Namespace(**seeded))  # given flags override saved ones
     saved["changed"] = [f"--{k} {getattr(args, k)} (was {v})" for k, v in sorted(saved["args"].items())
@@ -246,7 +241,7 @@ def crossed(before: int, after: int, every: int) -> bool:
 def decay_mask(params) -> dict:
     """Weight decay on matrices (weights, embeddings) only: not on biases or LayerNorm scales/offsets."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and "layer_norm" not in path_key(path), params)
+        lambda path, x: x.ndim >= 2 and "layer_norm" not in checkpoint.path_key(path), params)
 
 
 def global_norm(tree) -> jax.Array:
@@ -400,111 +395,6 @@ def measure_peak_flops(dtype, n: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: ckpt_<step>/{arrays.npz, state.json, tokenizer.json}, plain arrays and JSON
-
-def path_key(path) -> str:
-    """A pytree key path -> "a/b/0/c" (dict keys, sequence indices and attribute names, "/"-joined)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
-def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {f"{prefix}/{path_key(path)}": np.asarray(leaf) for path, leaf in leaves}
-
-
-def unflatten_like(template, arrays: dict, prefix: str):
-    """Fill template's structure (arrays or ShapeDtypeStructs) from arrays[prefix/path]; UserError on mismatch."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    out = []
-    for path, leaf in leaves:
-        key = f"{prefix}/{path_key(path)}"
-        if key not in arrays:
-            raise UserError(f"checkpoint lacks {key}: it was made with another model or optimiser configuration")
-        if arrays[key].shape != tuple(leaf.shape):
-            raise UserError(f"checkpoint {key} has shape {arrays[key].shape}, this configuration needs "
-                            f"{tuple(leaf.shape)}")
-        out.append(arrays[key].astype(leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The complete checkpoint folder with the highest step in out_dir (temp folders are never complete)."""
-    if not os.path.isdir(out_dir):
-        return None
-    steps = sorted(int(m.group(1)) for name in os.listdir(out_dir) if (m := CKPT_RE.match(name))
-                   and os.path.isfile(os.path.join(out_dir, name, "state.json")))
-    return os.path.join(out_dir, f"ckpt_{steps[-1]:08d}") if steps else None
-
-
-def read_state(path: str) -> dict:
-    try:
-        with open(os.path.join(path, "state.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-
-
-def read_arrays(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(os.path.join(path, "arrays.npz")) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-
-
-def load_checkpoint(path: str) -> tuple[dict, dict]:
-    """(params, state) from a ckpt_* folder, or from the latest complete checkpoint of an out_dir.
-
-    params: the haiku params {module: {name: np.ndarray float32}} of model.mlm_model(config); its encoder names
-    are those of model.classifier_model. state: state.json (step, tokens_seen, config (BertConfig fields),
-    precision, args, ...) plus "path" (the folder) and "tokenizer_path" (its tokenizer.json copy).
-    """
-    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(path)
-    if folder is None:
-        raise UserError(f"no complete checkpoint at {path} (expected a ckpt_* folder or a train.py --out_dir)")
-    state = read_state(folder)
-    params: dict = {}
-    for key, value in read_arrays(folder).items():
-        if key.startswith("params/"):
-            module, name = key[len("params/"):].rsplit("/", 1)  # haiku params are exactly {module: {name: array}}
-            params.setdefault(module, {})[name] = value
-    state.update(path=folder, tokenizer_path=os.path.join(folder, "tokenizer.json"))
-    return params, state
-
-
-def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], tokenizer_bytes: bytes,
-                    keep: int) -> str:
-    """Write ckpt_<step>/ atomically (temp folder, fsync, rename), then drop all but the newest `keep`."""
-    final = os.path.join(out_dir, f"ckpt_{state['step']:08d}")
-    if os.path.isdir(final):  # this step is already saved (e.g. a resumed run stopped at once): same contents
-        return final
-    with common.atomic_dir(final, os.path.join(out_dir, f"{TMP_PREFIX}{state['step']:08d}.{os.getpid()}")) as tmp:
-        write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
-        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
-        common.atomic_write_json(os.path.join(tmp, "state.json"), state)
-    complete = sorted(name for name in os.listdir(out_dir) if CKPT_RE.match(name))
-    for name in complete[:-keep]:  # renamed first, so that a half-deleted folder never looks complete
-        os.rename(os.path.join(out_dir, name), os.path.join(out_dir, f"{TMP_PREFIX}old.{name}"))
-    for name in os.listdir(out_dir):  # those, and leftovers of writes that died with their process
-        if name.startswith(TMP_PREFIX):
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    return final
-
-
-def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 def check_config(args, num_devices: int) -> None:
@@ -580,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq_len > cfg.max_position:
         raise UserError(f"--seq_len {args.seq_len} exceeds the model's max_position {cfg.max_position}")
     num_masked = bert.num_masked(args.seq_len, args.mask_rate)
-    if not resumed and latest_checkpoint(args.out_dir):
+    if not resumed and checkpoint.latest_checkpoint(args.out_dir):
         raise UserError(f"{args.out_dir} holds checkpoints of another run: pass --resume to continue it, "
                         "or choose another --out_dir")
     if resumed:
@@ -606,14 +496,15 @@ def main(argv: list[str] | None = None) -> dict:
     init = partial(init_state, net, tx, seq_len=args.seq_len, num_masked=num_masked,
                    position_init=args.position_init)
     if resumed:
-        arrays = read_arrays(resumed["path"])
+        arrays = checkpoint.read_arrays(resumed["path"])
         template = jax.eval_shape(init, init_key)
-        state = replicate({k: unflatten_like(template[k], arrays, k) for k in template}, mesh)
+        state = replicate({k: checkpoint.unflatten_like(template[k], arrays, k) for k in template}, mesh)
         step, tokens_seen, skipped = resumed["step"], resumed["tokens_seen"], resumed["skipped_steps"]
     else:
         state = jax.jit(init, out_shardings=replicated)(init_key)
         if args.init_hf:  # its weights; the heads it lacks keep their fresh init
-            params = hf.merge_params(jax.device_get(state["params"]), hf.load_hf(args.init_hf)[1], args.init_hf)
+            params, _ = checkpoint.merge_params(jax.device_get(state["params"]), hf.load_hf(args.init_hf)[1],
+                                                args.init_hf)
             state = replicate(dict(params=params, opt_state=tx.init(params)), mesh)
         step, tokens_seen, skipped = 0, 0, 0
     state["loss_scale"] = jmp.NoOpLossScale()
@@ -660,19 +551,17 @@ def main(argv: list[str] | None = None) -> dict:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
 
-    def checkpoint() -> str | None:
-        arrays = {**flatten(state["params"], "params"), **flatten(state["opt_state"], "opt_state")}
+    def save_now() -> str | None:
+        arrays = {**checkpoint.flatten(state["params"], "params"),
+                  **checkpoint.flatten(state["opt_state"], "opt_state")}
         ls = state["loss_scale"]
         scale_now = ({"value": float(ls.loss_scale), "counter": int(ls.counter)} if precision == "fp16" else None)
-        info = dict(format=CKPT_FORMAT, step=step, tokens_seen=tokens_seen, config=dataclasses.asdict(cfg),
-                    precision=precision, loss_scale=scale_now, skipped_steps=skipped,
-                    rng={"seed": args.seed, "key": np.asarray(root_key).tolist(),
-                         "masking": "fold_in(fold_in(PRNGKey(seed), 1), step)"},
-                    reader_seed=args.seed, tokenizer_sha256=tokenizer_sha, args=vars(args),
-                    num_devices=num_devices, jax_version=jax.__version__)
+        info = checkpoint.run_state(step=step, tokens_seen=tokens_seen, skipped_steps=skipped, cfg=cfg,
+                                    precision=precision, loss_scale=scale_now, seed=args.seed,
+                                    tokenizer_sha256=tokenizer_sha, args=vars(args), num_devices=num_devices)
         if not is_main:
             return None
-        return save_checkpoint(args.out_dir, info, arrays, tokenizer_bytes, args.keep_ckpts)
+        return checkpoint.save_checkpoint(args.out_dir, info, arrays, tokenizer_bytes, args.keep_ckpts)
 
     stop_signal: list[int] = []
     saved_step: list[int] = []
@@ -699,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not m["finite"]:
             if precision != "fp16":
-                last = latest_checkpoint(args.out_dir)
+                last = checkpoint.latest_checkpoint(args.out_dir)
                 raise SystemExit(f"error: loss or gradients not finite at step {at_step} (loss {m['loss']}); "
                                  f"stopped, last good checkpoint: {last}. Try a lower --lr, longer warmup, "
                                  f"or --precision fp32")
@@ -756,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict:
             return
         report()  # never save a state whose step has not been checked
         started = time.perf_counter()
-        history["checkpoints"].append(checkpoint())
+        history["checkpoints"].append(save_now())
         saved_step.append(step)
         pause(started)
 

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
@@ -253,7 +254,8 @@ def random_checkpoint(tmp_path, tokenizer_path: str, post_ln: bool, seed: int = 
     params = jax.tree.map(np.asarray, params)
     state = {"step": 7, "config": dataclasses.asdict(cfg)}
     with open(tokenizer_path, "rb") as f:
-        folder = train.save_checkpoint(str(tmp_path / "run"), state, train.flatten(params, "params"), f.read(), 1)
+        folder = checkpoint.save_checkpoint(str(tmp_path / "run"), state, checkpoint.flatten(params, "params"),
+                                            f.read(), 1)
     return folder, cfg, params
 
 
@@ -294,9 +296,9 @@ def test_export_then_import_gives_the_same_model(tmp_path, tiny_tokenizer_path, 
 
 def test_export_refuses_a_checkpoint_it_cannot_map(tmp_path, tiny_tokenizer_path):
     folder, _, params = random_checkpoint(tmp_path, tiny_tokenizer_path, post_ln=False)
-    arrays = train.read_arrays(folder)
+    arrays = checkpoint.read_arrays(folder)
     del arrays["params/bert/embeddings/layer_norm/scale"], arrays["params/bert/embeddings/layer_norm/offset"]
-    train.write_arrays(os.path.join(folder, "arrays.npz"), arrays)
+    checkpoint.write_arrays(os.path.join(folder, "arrays.npz"), arrays)
     with pytest.raises(UserError, match="lacks bert/embeddings/layer_norm"):
         hf.export_hf(folder, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
@@ -362,7 +364,7 @@ def test_train_init_hf_continues_from_the_checkpoint(tmp_path, tiny, capsys, tin
              "--precision", "fp32", "--peak_flops", "1e11", "--log_every", "1"]
     train.main(flags)
     assert "lacks" not in capsys.readouterr().out  # the fixture has every head train.py needs
-    params, state = train.load_checkpoint(str(tmp_path / "out"))
+    params, state = checkpoint.load_checkpoint(str(tmp_path / "out"))
     assert state["config"] == dataclasses.asdict(dataclasses.replace(tiny[0], dropout=0.0))
     for module in ("bert/layer_1/attention/qkv", "mlm_head", "bert/embeddings/word"):
         for name, value in params[module].items():

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import model as bert  # noqa: E402
@@ -242,7 +243,7 @@ def test_loss_falls_and_run_writes_outputs(run, corpus):
     names = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))
     assert names == [f"ckpt_{s:08d}" for s in saved[1:] + [len(tokens)]]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run["out"], "tb")))
-    params, state = train.load_checkpoint(run["out"])  # an out_dir means its latest checkpoint
+    params, state = checkpoint.load_checkpoint(run["out"])  # an out_dir means its latest checkpoint
     assert state["step"] == len(h["loss"]) and state["tokens_seen"] == tokens[-1] >= 57344
     assert state["config"]["vocab_size"] == corpus["vocab_size"] and state["precision"] == "fp32"
     assert params["bert/embeddings/word"]["embeddings"].shape == (corpus["vocab_size"], 64)
@@ -294,7 +295,7 @@ def test_gradient_accumulation_equals_one_big_batch(corpus, cache_dir, tmp_path)
         history = train.main(run_flags(corpus, tmp_path / micro, "--batch_size", "32", "--batch_size_start", "32",
                                        "--micro_batch_size", micro, "--max_tokens", str(32 * SEQ_LEN),
                                        "--eval_windows", "0", "--warmup_frac", "0", "--final_lr_frac", "1"))
-        results.append((history, train.read_arrays(train.latest_checkpoint(str(tmp_path / micro)))))
+        results.append((history, checkpoint.read_arrays(checkpoint.latest_checkpoint(str(tmp_path / micro)))))
     (h2, a2), (h1, a1) = results
     assert h2["traces"] == [4] and h1["traces"] == [1]
     assert h2["loss"][0] == pytest.approx(h1["loss"][0], rel=1e-6)
@@ -319,7 +320,7 @@ def test_decode_all_gives_the_same_loss(corpus, cache_dir, tmp_path):
     assert every["loss"][0] == pytest.approx(masked["loss"][0], abs=1e-5)
     assert every["accuracy"][0] == pytest.approx(masked["accuracy"][0], abs=1e-6)
     assert every["grad_norm"][0] == pytest.approx(masked["grad_norm"][0], rel=1e-5)
-    assert train.read_state(train.latest_checkpoint(str(tmp_path / "all")))["args"]["decode_all"] is True
+    assert checkpoint.read_state(checkpoint.latest_checkpoint(str(tmp_path / "all")))["args"]["decode_all"] is True
     for name, expected in (("all", True), ("masked", False)):  # --resume keeps it
         assert train.parse_args(["--out_dir", str(tmp_path / name), "--resume"])[0].decode_all is expected
 
@@ -327,8 +328,8 @@ def test_decode_all_gives_the_same_loss(corpus, cache_dir, tmp_path):
 def test_fp16_skips_non_finite_steps_and_lowers_the_scale(run, tmp_path):
     """Continue the reference run from a checkpoint in fp16 for two steps (2 microbatches of 8 each)."""
     mid = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))[0]
-    before = train.read_arrays(os.path.join(run["out"], mid))
-    k, tokens = (train.read_state(os.path.join(run["out"], mid))[f] for f in ("step", "tokens_seen"))
+    before = checkpoint.read_arrays(os.path.join(run["out"], mid))
+    k, tokens = (checkpoint.read_state(os.path.join(run["out"], mid))[f] for f in ("step", "tokens_seen"))
     flags = ["--resume", "--precision", "fp16", "--max_tokens", str(tokens + 2 * STEP_TOKENS), "--eval_windows", "0",
              "--ckpt_every", str(STEP_TOKENS)]
     try:
@@ -337,17 +338,17 @@ def test_fp16_skips_non_finite_steps_and_lowers_the_scale(run, tmp_path):
         h = train.main(["--out_dir", str(tmp_path / "huge"), *flags, "--loss_scale_init", str(2.0**100)])
         assert h["skipped_steps"] == 2 and h["loss_scale"] == [2.0**99, 2.0**98]
         for step in (k + 1, k + 2):
-            after = train.read_arrays(str(tmp_path / "huge" / f"ckpt_{step:08d}"))
+            after = checkpoint.read_arrays(str(tmp_path / "huge" / f"ckpt_{step:08d}"))
             assert set(after) == set(before)
             for key in before:  # params and optimiser state did not move
                 np.testing.assert_array_equal(after[key], before[key], err_msg=key)
-        _, state = train.load_checkpoint(str(tmp_path / "huge"))
+        _, state = checkpoint.load_checkpoint(str(tmp_path / "huge"))
         assert state["loss_scale"] == {"value": 2.0**98, "counter": 0} and state["skipped_steps"] == 2
         # With the default scale the same steps train.
         shutil.copytree(os.path.join(run["out"], mid), tmp_path / "normal" / mid)
         h = train.main(["--out_dir", str(tmp_path / "normal"), *flags])
         assert h["skipped_steps"] == 0 and h["loss_scale"] == [2.0**15] * 2 and np.isfinite(h["loss"]).all()
-        after = train.read_arrays(train.latest_checkpoint(str(tmp_path / "normal")))
+        after = checkpoint.read_arrays(checkpoint.latest_checkpoint(str(tmp_path / "normal")))
         assert after["opt_state/1/0/count"] == before["opt_state/1/0/count"] + 2
         assert not np.array_equal(after["params/bert/embeddings/word/embeddings"],
                                   before["params/bert/embeddings/word/embeddings"])
@@ -361,35 +362,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, cache_
         train.main(run_flags(corpus, out, "--lr", "1e30", "--ckpt_every", "256", "--eval_windows", "0"))
     assert "not finite at step 2" in str(e.value.code) and "ckpt_00000001" in str(e.value.code)
     assert sorted(os.listdir(out)) == ["ckpt_00000001", "tb"]
-    params, state = train.load_checkpoint(str(out))
+    params, state = checkpoint.load_checkpoint(str(out))
     assert state["step"] == 1 and all(np.isfinite(x).all() for m in params.values() for x in m.values())
-
-
-def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    out = str(tmp_path)
-    state = lambda step: dict(step=step, tokens_seen=10 * step)  # noqa: E731
-    arrays = {"params/bert/dense/w": np.ones((2, 3), np.float32), "opt_state/0/count": np.array(1)}
-    train.save_checkpoint(out, state(1), arrays, b"tok", keep=2)
-    os.makedirs(os.path.join(out, train.TMP_PREFIX + "00000005.999"))  # a write whose process was killed
-
-    def dies_half_way(path, arrays):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half a zip")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(train, "write_arrays", dies_half_way)
-    with pytest.raises(OSError):
-        train.save_checkpoint(out, state(2), {k: v + 1 for k, v in arrays.items()}, b"tok", keep=2)
-    assert train.latest_checkpoint(out) == os.path.join(out, "ckpt_00000001")
-    params, loaded = train.load_checkpoint(out)
-    assert loaded["step"] == 1 and params == {"bert/dense": {"w": params["bert/dense"]["w"]}}
-    np.testing.assert_array_equal(params["bert/dense"]["w"], np.ones((2, 3)))
-    monkeypatch.undo()
-    for step in (3, 4, 5):
-        train.save_checkpoint(out, state(step), arrays, b"tok", keep=2)
-    assert sorted(os.listdir(out)) == ["ckpt_00000004", "ckpt_00000005"]  # old ones and leftovers gone
-    with pytest.raises(UserError, match="no complete checkpoint"):
-        train.load_checkpoint(str(tmp_path / "nothing"))
 
 
 def test_sigterm_writes_a_checkpoint(run, corpus, cache_dir, tmp_path):
@@ -407,7 +381,7 @@ def test_sigterm_writes_a_checkpoint(run, corpus, cache_dir, tmp_path):
     watchdog.cancel()
     assert rc == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
-    params, state = train.load_checkpoint(str(out))
+    params, state = checkpoint.load_checkpoint(str(out))
     assert state["step"] >= 3 and state["tokens_seen"] > 0
     assert all(np.isfinite(x).all() for m in params.values() for x in m.values())
 

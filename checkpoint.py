@@ -1,0 +1,184 @@
+"""train.py's checkpoints: ckpt_<step>/ folders of plain arrays and JSON, written atomically, found, read back.
+
+    ckpt_00001000/arrays.npz      params and optimiser state; keys are "/"-joined pytree paths ("params/bert/...")
+    ckpt_00001000/state.json      step, tokens seen, model config, precision, loss scale, PRNG, flags (run_state)
+    ckpt_00001000/tokenizer.json  the tokenizer the data was made with
+
+A folder is complete once it has its final name: it is written under a temporary one, fsynced and renamed, so a
+reader never sees half a checkpoint. finetune.py and hf.py read checkpoints through load_checkpoint.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+
+import common
+import model as bert
+from common import UserError
+
+CKPT_FORMAT = 1
+CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
+TMP_PREFIX = ".tmp-ckpt_"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pytrees <-> flat {"prefix/a/b": array}
+
+def path_key(path) -> str:
+    """A pytree key path -> "a/b/0/c" (dict keys, sequence indices and attribute names, "/"-joined)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {f"{prefix}/{path_key(path)}": np.asarray(leaf) for path, leaf in leaves}
+
+
+def unflatten_like(template, arrays: dict, prefix: str):
+    """Fill template's structure (arrays or ShapeDtypeStructs) from arrays[prefix/path]; UserError on mismatch."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for path, leaf in leaves:
+        key = f"{prefix}/{path_key(path)}"
+        if key not in arrays:
+            raise UserError(f"checkpoint lacks {key}: it was made with another model or optimiser configuration")
+        if arrays[key].shape != tuple(leaf.shape):
+            raise UserError(f"checkpoint {key} has shape {arrays[key].shape}, this configuration needs "
+                            f"{tuple(leaf.shape)}")
+        out.append(arrays[key].astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def merge_params(fresh: dict, loaded: dict, source: str, encoder=(), notes: bool = True) -> tuple[dict, list[str]]:
+    """fresh (a model's initial haiku params) with every parameter that loaded has, as float32 numpy arrays.
+
+    -> (params, "module/name" of those left fresh). A shape that differs is an error, and so is a missing
+    parameter named in encoder: finetuning must never quietly start from random encoder weights. notes: print
+    which modules stay fresh and which loaded ones this model has no use for.
+    """
+    new, unused = sorted(set(fresh) - set(loaded)), sorted(set(loaded) - set(fresh))
+    if notes and new:
+        print(f"note: {source} lacks {', '.join(new)}: initialised fresh")
+    if notes and unused:
+        print(f"note: {source}: not used by this model: {', '.join(unused)}")
+    out, kept = {}, []
+    for module, leaves in fresh.items():
+        out[module] = {}
+        for name, value in leaves.items():
+            got = loaded.get(module, {}).get(name)
+            if got is None:
+                if f"{module}/{name}" in encoder:
+                    raise UserError(f"{source} lacks encoder parameter {module}/{name}")
+                kept.append(f"{module}/{name}")
+            elif tuple(got.shape) != tuple(value.shape):
+                raise UserError(f"{source}: {module}/{name} has shape {tuple(got.shape)}, the model needs "
+                                f"{tuple(value.shape)}")
+            out[module][name] = np.asarray(value if got is None else got, np.float32)
+    return out, kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state.json
+
+def run_state(*, step: int, tokens_seen: int, skipped_steps: int, cfg: bert.BertConfig, precision: str,
+              loss_scale: dict | None, seed: int, tokenizer_sha256: str, args: dict, num_devices: int) -> dict:
+    """state.json: where a run is and what it needs to continue (args: its flags; loss_scale: fp16's
+    {"value", "counter"}, else None)."""
+    return dict(format=CKPT_FORMAT, step=step, tokens_seen=tokens_seen, config=dataclasses.asdict(cfg),
+                precision=precision, loss_scale=loss_scale, skipped_steps=skipped_steps,
+                rng={"seed": seed, "key": np.asarray(jax.random.PRNGKey(seed)).tolist(),
+                     "masking": "fold_in(fold_in(PRNGKey(seed), 1), step)"},
+                reader_seed=seed, tokenizer_sha256=tokenizer_sha256, args=args,
+                num_devices=num_devices, jax_version=jax.__version__)
+
+
+def model_config(state: dict) -> bert.BertConfig:
+    """The model a checkpoint's state.json describes."""
+    try:
+        return bert.BertConfig(**state["config"])
+    except (TypeError, KeyError) as e:
+        raise UserError(f"checkpoint {state['path']}: unreadable model config in state.json ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding, reading, writing
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The complete checkpoint folder with the highest step in out_dir (temp folders are never complete)."""
+    if not os.path.isdir(out_dir):
+        return None
+    steps = sorted(int(m.group(1)) for name in os.listdir(out_dir) if (m := CKPT_RE.match(name))
+                   and os.path.isfile(os.path.join(out_dir, name, "state.json")))
+    return os.path.join(out_dir, f"ckpt_{steps[-1]:08d}") if steps else None
+
+
+def read_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def read_arrays(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(os.path.join(path, "arrays.npz")) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_checkpoint(path: str) -> tuple[dict, dict]:
+    """(params, state) from a ckpt_* folder, or from the latest complete checkpoint of an out_dir.
+
+    params: the haiku params {module: {name: np.ndarray float32}} of model.mlm_model(config); its encoder names
+    are those of model.classifier_model. state: state.json (step, tokens_seen, config (BertConfig fields),
+    precision, args, ...) plus "path" (the folder) and "tokenizer_path" (its tokenizer.json copy).
+    """
+    folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(path)
+    if folder is None:
+        raise UserError(f"no complete checkpoint at {path} (expected a ckpt_* folder or a train.py --out_dir)")
+    state = read_state(folder)
+    params: dict = {}
+    for key, value in read_arrays(folder).items():
+        if key.startswith("params/"):
+            module, name = key[len("params/"):].rsplit("/", 1)  # haiku params are exactly {module: {name: array}}
+            params.setdefault(module, {})[name] = value
+    state.update(path=folder, tokenizer_path=os.path.join(folder, "tokenizer.json"))
+    return params, state
+
+
+def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], tokenizer_bytes: bytes,
+                    keep: int) -> str:
+    """Write ckpt_<step>/ atomically (temp folder, fsync, rename), then drop all but the newest `keep`."""
+    final = os.path.join(out_dir, f"ckpt_{state['step']:08d}")
+    if os.path.isdir(final):  # this step is already saved (e.g. a resumed run stopped at once): same contents
+        return final
+    with common.atomic_dir(final, os.path.join(out_dir, f"{TMP_PREFIX}{state['step']:08d}.{os.getpid()}")) as tmp:
+        write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
+        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
+        common.atomic_write_json(os.path.join(tmp, "state.json"), state)
+    complete = sorted(name for name in os.listdir(out_dir) if CKPT_RE.match(name))
+    for name in complete[:-keep]:  # renamed first, so that a half-deleted folder never looks complete
+        os.rename(os.path.join(out_dir, name), os.path.join(out_dir, f"{TMP_PREFIX}old.{name}"))
+    for name in os.listdir(out_dir):  # those, and leftovers of writes that died with their process
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return final
+
+
+def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,71 @@
+"""checkpoint.py: flat arrays <-> pytrees, merging loaded params into a model's, atomic folders, state.json."""
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import checkpoint
+from common import UserError
+
+
+def test_flatten_and_unflatten_round_trip_with_optimiser_state():
+    params = {"bert/dense": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1.0))
+    opt_state = tx.init(params)
+    arrays = {**checkpoint.flatten(params, "params"), **checkpoint.flatten(opt_state, "opt_state")}
+    assert "params/bert/dense/w" in arrays and "opt_state/1/0/mu/bert/dense/w" in arrays  # the on-disk keys
+    back = checkpoint.unflatten_like(jax.eval_shape(tx.init, params), arrays, "opt_state")
+    assert jax.tree.structure(back) == jax.tree.structure(opt_state)
+    with pytest.raises(UserError, match="lacks params/bert/dense/b"):
+        checkpoint.unflatten_like(params, {"params/bert/dense/w": arrays["params/bert/dense/w"]}, "params")
+    with pytest.raises(UserError, match="has shape"):
+        checkpoint.unflatten_like(params, {**arrays, "params/bert/dense/b": np.zeros(4)}, "params")
+
+
+def test_merge_params_keeps_fresh_what_is_missing_and_refuses_wrong_shapes(capsys):
+    fresh = {"bert/dense": {"w": np.zeros((2, 2)), "b": np.zeros(2)}, "classifier": {"w": np.ones((2, 1))}}
+    loaded = {"bert/dense": {"w": np.full((2, 2), 3.0)}, "mlm_head": {"output_bias": np.ones(5)}}
+    params, kept = checkpoint.merge_params(fresh, loaded, "src")
+    assert kept == ["bert/dense/b", "classifier/w"] and params["bert/dense"]["w"].dtype == np.float32
+    np.testing.assert_array_equal(params["bert/dense"]["w"], loaded["bert/dense"]["w"])
+    out = capsys.readouterr().out
+    assert "src lacks classifier: initialised fresh" in out and "not used by this model: mlm_head" in out
+    with pytest.raises(UserError, match="src lacks encoder parameter bert/dense/b"):
+        checkpoint.merge_params(fresh, loaded, "src", encoder={"bert/dense/b"}, notes=False)
+    with pytest.raises(UserError, match="src: bert/dense/w has shape"):
+        checkpoint.merge_params(fresh, {"bert/dense": {"w": np.zeros(3)}}, "src", notes=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_model_config_of_a_bad_state_is_a_user_error():
+    with pytest.raises(UserError, match="unreadable model config"):
+        checkpoint.model_config({"path": "ckpt_00000001", "config": {"vocab_size": 10}})
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    state = lambda step: dict(step=step, tokens_seen=10 * step)  # noqa: E731
+    arrays = {"params/bert/dense/w": np.ones((2, 3), np.float32), "opt_state/0/count": np.array(1)}
+    checkpoint.save_checkpoint(out, state(1), arrays, b"tok", keep=2)
+    os.makedirs(os.path.join(out, checkpoint.TMP_PREFIX + "00000005.999"))  # a write whose process was killed
+
+    def dies_half_way(path, arrays):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "write_arrays", dies_half_way)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(out, state(2), {k: v + 1 for k, v in arrays.items()}, b"tok", keep=2)
+    assert checkpoint.latest_checkpoint(out) == os.path.join(out, "ckpt_00000001")
+    params, loaded = checkpoint.load_checkpoint(out)
+    assert loaded["step"] == 1 and params == {"bert/dense": {"w": params["bert/dense"]["w"]}}
+    np.testing.assert_array_equal(params["bert/dense"]["w"], np.ones((2, 3)))
+    monkeypatch.undo()
+    for step in (3, 4, 5):
+        checkpoint.save_checkpoint(out, state(step), arrays, b"tok", keep=2)
+    assert sorted(os.listdir(out)) == ["ckpt_00000004", "ckpt_00000005"]  # old ones and leftovers gone
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        checkpoint.load_checkpoint(str(tmp_path / "nothing"))
