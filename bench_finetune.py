@@ -31,8 +31,11 @@ import numpy as np
 
 import common
 import finetune as ft
+import glue
 import hf as hf_io
 import model as bert
+
+WARMUP, WEIGHT_DECAY = 0.1, 0.01  # both sides, as finetune.py's defaults
 
 
 def hf_model(cfg, num_labels: int, dropout: float, seed: int, init_hf: str | None, classifier: dict):
@@ -67,7 +70,8 @@ def hf_batch(enc: ft.Encoded, idx: np.ndarray, id_map: np.ndarray | None):
             torch.from_numpy(mask))
 
 
-def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, args, total_steps: int, id_map):
+def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, *, lr: float, warmup: float,
+               weight_decay: float, total_steps: int, id_map):
     """A generator: each next() trains the next batch of row indices, padded to its longest row; yields the loss
     and the real and padded token counts."""
     import torch
@@ -75,9 +79,9 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, args, to
 
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in net.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, eps=1e-6)
-    sched = transformers.get_linear_schedule_with_warmup(opt, round(args.warmup * total_steps), total_steps)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, eps=1e-6)
+    sched = transformers.get_linear_schedule_with_warmup(opt, round(warmup * total_steps), total_steps)
     net.train()
     for idx in batches:
         T = int(enc.lengths[idx].max())
@@ -92,7 +96,7 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, args, to
         yield float(out.loss.detach()), int(enc.lengths[idx].sum()), len(idx) * T
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer",
                    help="tokenizer.json for a random-init model (e.g. python tokenizer.py --vocab_size 30522)")
@@ -114,83 +118,52 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
     p.add_argument("--segment", type=int, default=100, help="steps per alternating segment (default: 100)")
     p.add_argument("--skip_hf", action="store_true", help="time finetune.py only")
-    args = p.parse_args()
-    args.warmup, args.weight_decay, args.log_every = 0.1, 0.01, 10 ** 9
+    return p
 
-    import torch
 
+def load(args):
+    """-> (model config, pretrained params or None, tokenizer, id_map or None): from --init_hf or --tokenizer."""
     if bool(args.tokenizer) == bool(args.init_hf):
         raise common.UserError("give --tokenizer (random init) or --init_hf DIR")
     if args.epochs < 1:
         raise common.UserError("--epochs must be positive")
-    if args.init_hf:
-        from tokenizers import Tokenizer
-        cfg, pretrained, tokenizer_bytes, info = hf_io.load_hf(args.init_hf)
-        pretrained.pop("classifier", None)  # a new head for the task, as finetune.py does
-        tok, id_map = Tokenizer.from_str(tokenizer_bytes.decode("utf-8")), np.asarray(info["old_id"])
-        cfg = dataclasses.replace(cfg, dropout=args.dropout)
-    else:
-        tok, pretrained, id_map = common.load_tokenizer(args.tokenizer), None, None
-    tok = ft.prepare_tokenizer(tok, args.max_len)
-    task = ft.TASKS["sst2"]
-    examples = ft.read_glue_file(task, os.path.join(args.glue_dir, task.train.file), True)
-    if args.max_examples:
-        examples = examples.head(args.max_examples)
-    enc, labels = ft.encode(tok, examples, args.max_len), examples.labels
-    n = len(labels)
-    steps = -(-n // args.batch_size) * args.epochs
-
-    # finetune.py: its train step, batches and epoch loop
-    bert.set_precision("fp32")
     if not args.init_hf:
-        cfg = bert.make_config(args.model, tok.get_vocab_size(), dropout=args.dropout)
-    net = bert.classifier_model(cfg, task.num_labels)
-    lr_fn = functools.partial(ft.lr_at, lr=args.lr, total_steps=steps, warmup_steps=round(args.warmup * steps))
-    optimizer = ft.make_optimizer(args.weight_decay)
-    step_fn = ft.make_train_step(net, optimizer, regression=False)
-    params, _ = ft.init_params(cfg, task.num_labels, pretrained, jax.random.PRNGKey(args.seed))
-    state = (params, optimizer.init(params), jmp.NoOpLossScale())
-    batch_rng = np.random.default_rng(args.seed)
-    batches = [b for _ in range(args.epochs) for b in ft.make_batches(enc.lengths, args.batch_size, batch_rng)]
-    key = jax.random.PRNGKey(args.seed + 1)
+        tok = common.load_tokenizer(args.tokenizer)
+        return bert.make_config(args.model, tok.get_vocab_size(), dropout=args.dropout), None, tok, None
+    from tokenizers import Tokenizer
+    cfg, pretrained, tokenizer_bytes, info = hf_io.load_hf(args.init_hf)
+    pretrained.pop("classifier", None)  # a new head for the task, as finetune.py does
+    tok, id_map = Tokenizer.from_str(tokenizer_bytes.decode("utf-8")), np.asarray(info["old_id"])
+    return dataclasses.replace(cfg, dropout=args.dropout), pretrained, tok, id_map
 
-    jax_real = int(enc.lengths.sum())
-    jax_padded = sum(args.batch_size * ft.padded_length(enc.lengths[b].max(), args.pad_multiple, args.max_len)
-                     for b in batches)
-    compiled, compile_time = set(), [0.0]
 
-    def timed_step(*a):
-        """finetune.py's step; the first call per batch length compiles it (timed, to report compile time)."""
+class CompileTimer:
+    """finetune.py's step; the first call per batch length compiles it, which is timed, to report."""
+
+    def __init__(self, step_fn):
+        self.step_fn, self.lengths, self.seconds = step_fn, set(), 0.0
+
+    def __call__(self, *a):
         T = a[3].shape[1]
-        if T in compiled:
-            return step_fn(*a)
-        compiled.add(T)
+        if T in self.lengths:
+            return self.step_fn(*a)
+        self.lengths.add(T)
         start = time.perf_counter()
-        out = jax.block_until_ready(step_fn(*a))
-        compile_time[0] += time.perf_counter() - start
+        out = jax.block_until_ready(self.step_fn(*a))
+        self.seconds += time.perf_counter() - start
         return out
 
-    hf = None
-    if not args.skip_hf:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-        hf_net = hf_model(cfg, task.num_labels, args.dropout, args.seed, args.init_hf, params["classifier"])
-        if args.same_batches:
-            hf_batches = batches
-        else:  # the usual way: a random order each epoch
-            orders = [np.random.default_rng(1000 * args.seed + epoch).permutation(n) for epoch in range(args.epochs)]
-            hf_batches = [order[i:i + args.batch_size] for order in orders for i in range(0, n, args.batch_size)]
-        hf = hf_trainer(hf_net, enc, labels, hf_batches, args, steps, id_map)
+
+def alternate(timed_step: CompileTimer, state, enc: ft.Encoded, labels, batches: list, hf, args, key, lr_fn):
+    """Train both sides in turns of --segment steps; print their times. -> finetune.py's final state."""
+    steps, n = len(batches), len(labels)
     jax_time = hf_time = 0.0
     jax_losses, hf_losses, hf_real, hf_padded, step = [], [], 0, 0, 0
-    name = args.init_hf or args.model
-    print(f"{n} examples x {args.epochs} epochs, {steps} steps of {args.batch_size}; {name} "
-          f"{cfg.num_layers}L/{cfg.hidden_size}H, "
-          f"vocab {cfg.vocab_size}; JAX {jax.default_backend()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); segments of {args.segment} steps", flush=True)
     for seg in range(0, steps, args.segment):
         start = time.perf_counter()
-        state, step, loss = ft.train_epoch(timed_step, state, enc, labels, batches[seg:seg + args.segment], args, key,
-                                           step, lr_fn, desc="finetune.py")
+        state, step, loss = ft.train_epoch(timed_step, state, enc, labels, batches[seg:seg + args.segment],
+                                           batch_size=args.batch_size, multiple=args.pad_multiple, key=key,
+                                           step=step, lr_fn=lr_fn, desc="finetune.py")
         jax.block_until_ready(state)
         jax_time += time.perf_counter() - start
         jax_losses.append(loss)
@@ -203,8 +176,11 @@ def main() -> None:
         hf_note = f", transformers {hf_time:.1f} s" if hf else ""
         print(f"  step {step}/{steps}: finetune.py {jax_time:.1f} s{hf_note}", flush=True)
 
-    print(f"\nfinetune.py (JAX): {jax_time:.1f} s, of which about {compile_time[0]:.1f} s compiling "
-          f"{len(compiled)} batch shapes; {n / jax_time:.0f} examples/s; padding efficiency "
+    jax_real = int(enc.lengths.sum())
+    jax_padded = sum(args.batch_size * ft.padded_length(enc.lengths[b].max(), args.pad_multiple, args.max_len)
+                     for b in batches)
+    print(f"\nfinetune.py (JAX): {jax_time:.1f} s, of which about {timed_step.seconds:.1f} s compiling "
+          f"{len(timed_step.lengths)} batch shapes; {n / jax_time:.0f} examples/s; padding efficiency "
           f"{jax_real / jax_padded:.2f}; mean loss first/last segment {jax_losses[0]:.3f}/{jax_losses[-1]:.3f}")
     if hf is not None:
         seg_loss = [np.mean(hf_losses[i:i + args.segment]) for i in range(0, len(hf_losses), args.segment)]
@@ -212,23 +188,69 @@ def main() -> None:
               f"efficiency {hf_real / hf_padded:.2f}; mean loss first/last segment "
               f"{seg_loss[0]:.3f}/{seg_loss[-1]:.3f}")
         print(f"speedup: {hf_time / jax_time:.2f}x (training wall time, JAX compilation included), "
-              f"{hf_time / (jax_time - compile_time[0]):.2f}x (compilation excluded)")
+              f"{hf_time / (jax_time - timed_step.seconds):.2f}x (compilation excluded)")
+    return state
+
+
+def hf_dev_accuracy(hf_net, dev_enc: ft.Encoded, dev_labels: np.ndarray, id_map) -> float:
+    import torch
+
+    hf_net.eval()
+    with torch.no_grad():
+        logits = [hf_net(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.numpy()
+                  for idx in np.array_split(np.arange(len(dev_labels)), 16)
+                  for ids, types, mask in [hf_batch(dev_enc, idx, id_map)]]
+    return float(np.mean(np.concatenate(logits).argmax(-1) == dev_labels))
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    import torch
+
+    cfg, pretrained, tok, id_map = load(args)
+    tok = ft.prepare_tokenizer(tok, args.max_len)
+    task = glue.TASKS["sst2"]
+    examples = glue.read_glue_file(task, os.path.join(args.glue_dir, task.train.file), True)
+    if args.max_examples:
+        examples = examples.head(args.max_examples)
+    enc, labels = ft.encode(tok, examples, args.max_len), examples.labels
+    n = len(labels)
+    steps = -(-n // args.batch_size) * args.epochs
+
+    # finetune.py: its train step, batches and epoch loop
+    bert.set_precision("fp32")
+    step_fn, logits_fn, optimizer = ft.compiled_fns(cfg, task.num_labels, False, WEIGHT_DECAY, "fp32")
+    lr_fn = functools.partial(ft.finetune_lr, lr=args.lr, total_steps=steps, warmup_steps=round(WARMUP * steps))
+    params, _ = ft.init_params(cfg, task.num_labels, pretrained, jax.random.PRNGKey(args.seed))
+    state = (params, optimizer.init(params), jmp.NoOpLossScale())
+    batch_rng = np.random.default_rng(args.seed)
+    batches = [b for _ in range(args.epochs) for b in ft.make_batches(enc.lengths, args.batch_size, batch_rng)]
+    timed_step = CompileTimer(step_fn)
+
+    hf = None
+    if not args.skip_hf:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        hf_net = hf_model(cfg, task.num_labels, args.dropout, args.seed, args.init_hf, params["classifier"])
+        if args.same_batches:
+            hf_batches = batches
+        else:  # the usual way: a random order each epoch
+            orders = [np.random.default_rng(1000 * args.seed + epoch).permutation(n) for epoch in range(args.epochs)]
+            hf_batches = [order[i:i + args.batch_size] for order in orders for i in range(0, n, args.batch_size)]
+        hf = hf_trainer(hf_net, enc, labels, hf_batches, lr=args.lr, warmup=WARMUP, weight_decay=WEIGHT_DECAY,
+                        total_steps=steps, id_map=id_map)
+    print(f"{n} examples x {args.epochs} epochs, {steps} steps of {args.batch_size}; {args.init_hf or args.model} "
+          f"{cfg.num_layers}L/{cfg.hidden_size}H, vocab {cfg.vocab_size}; JAX {jax.default_backend()}, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads); segments of {args.segment} steps", flush=True)
+    key = jax.random.PRNGKey(args.seed + 1)
+    state = alternate(timed_step, state, enc, labels, batches, hf, args, key, lr_fn)
     if args.dev:
-        dev = ft.read_glue_file(task, os.path.join(args.glue_dir, task.dev[0].file), True)
+        dev = glue.read_glue_file(task, os.path.join(args.glue_dir, task.dev[0].file), True)
         dev_enc = ft.encode(tok, dev, args.max_len)
-        logits = ft.predict(jax.jit(lambda p, t, y, m: net.apply(p, None, t, y, m, False)), state[0], dev_enc,
-                            128, args.pad_multiple)
+        logits = ft.predict(logits_fn, state[0], dev_enc, 128, args.pad_multiple)
         print(f"dev accuracy ({len(dev.labels)} rows): finetune.py {np.mean(logits.argmax(-1) == dev.labels):.4f}",
               flush=True)
         if hf is not None:
-            hf_net.eval()
-            with torch.no_grad():
-                hf_logits = []
-                for idx in np.array_split(np.arange(len(dev.labels)), 16):
-                    ids, types, mask = hf_batch(dev_enc, idx, id_map)
-                    hf_logits.append(hf_net(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.numpy())
-                hf_logits = np.concatenate(hf_logits)
-            print(f"dev accuracy: transformers {np.mean(hf_logits.argmax(-1) == dev.labels):.4f}")
+            print(f"dev accuracy: transformers {hf_dev_accuracy(hf_net, dev_enc, dev.labels, id_map):.4f}")
 
 
 if __name__ == "__main__":

@@ -160,27 +160,22 @@ def task_loss(logits, labels, weights, regression: bool):
     return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def default_lr(task: glue.Task, cfg: bert.BertConfig) -> float:
-    """Peak learning rate without --lr: the task's, or NARROW_LR for a model narrower than NARROW_HIDDEN."""
+def default_lr(task: glue.Task, cfg: bert.BertConfig, lr: float | None = None) -> float:
+    """The peak learning rate: lr (--lr) if given, else the task's, or NARROW_LR for a model narrower than
+    NARROW_HIDDEN."""
+    if lr is not None:
+        return lr
     return NARROW_LR if cfg.hidden_size < NARROW_HIDDEN else task.lr
 
 
-def lr_at(step: int, lr: float, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then linear decay to 0 at total_steps."""
+def finetune_lr(step: int, lr: float, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup from 0 to lr over warmup_steps, then linear decay to 0 at total_steps (BERT's)."""
     if step < warmup_steps:
         return lr * step / warmup_steps
     return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def make_optimizer(weight_decay: float, clip_norm: float = 1.0) -> optax.GradientTransformation:
-    """AdamW as in BERT (eps 1e-6, no decay on biases and LayerNorm) after global-norm clipping, without the
-    learning rate: the step multiplies by it, so one compiled step serves every task, lr and schedule."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 (matrices only)
-    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
-                       optax.add_decayed_weights(weight_decay, mask=decay_mask))
-
-
-def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation, regression: bool):
+def make_finetune_step(model: hk.Transformed, optimizer: optax.GradientTransformation, regression: bool):
     """One jitted step: (params, opt_state, loss_scale, batch arrays, key, step, lr) -> updated state and loss."""
 
     def loss_fn(params, key, tokens, types, mask, labels, weights, loss_scale):
@@ -194,7 +189,7 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
         grads, loss = jax.grad(loss_fn, has_aux=True)(params, key, tokens, types, mask, labels, weights, loss_scale)
         grads = loss_scale.unscale(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+        new_params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
         if isinstance(loss_scale, jmp.NoOpLossScale):
             return new_params, new_opt_state, loss_scale, loss
         finite = jmp.all_finite(grads)  # fp16: skip steps whose gradients overflowed, and adjust the scale
@@ -210,9 +205,9 @@ def compiled_fns(cfg: bert.BertConfig, num_labels: int, regression: bool, weight
     each batch shape compiles once per run (--task all: once for the seven two-label tasks). precision is part
     of the key because tracing reads the haiku policy that set_precision installed."""
     model = bert.classifier_model(cfg, num_labels)
-    optimizer = make_optimizer(weight_decay)
+    optimizer = bert.make_optimizer(weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
     logits_fn = jax.jit(lambda params, tokens, types, mask: model.apply(params, None, tokens, types, mask, False))
-    return make_train_step(model, optimizer, regression), logits_fn, optimizer
+    return make_finetune_step(model, optimizer, regression), logits_fn, optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,39 +222,43 @@ class Init:
     info: dict  # what the results JSON records about the start point
 
 
-def load_init(args) -> Init:
-    overrides = {} if args.dropout is None else {"dropout": args.dropout}
-    if sum(map(bool, (args.init, args.init_hf, args.from_scratch))) > 1:
+def load_init(*, init: str | None = None, init_hf: str | None = None, from_scratch: bool = False,
+              tokenizer: str | None = None, model: str | None = None, dropout: float | None = None) -> Init:
+    """The start point from the flags of the same names: a train.py checkpoint (init, by default DEFAULT_INIT
+    if that folder exists), a Hugging Face BERT folder (init_hf) or random weights (from_scratch, with tokenizer
+    and model). dropout: None keeps the checkpoint's."""
+    overrides = {} if dropout is None else {"dropout": dropout}
+    if sum(map(bool, (init, init_hf, from_scratch))) > 1:
         raise UserError("give only one of --init DIR, --init_hf DIR and --from_scratch")
-    if args.init_hf:
-        return load_init_hf(args, overrides)
-    if args.from_scratch:
-        if not args.tokenizer or not args.model:
+    if init_hf:
+        return load_init_hf(init_hf, overrides, model, tokenizer)
+    if from_scratch:
+        if not tokenizer or not model:
             raise UserError("--from_scratch needs --tokenizer FILE and --model PRESET (random weights)")
-        tok = common.load_tokenizer(args.tokenizer)
-        cfg = bert.make_config(args.model, tok.get_vocab_size(), **overrides)
-        return Init(cfg, None, tok, {"from_scratch": True, "model": args.model, "tokenizer": args.tokenizer,
-                                     "tokenizer_sha256": common.sha256_file(args.tokenizer)})
-    if not args.init and os.path.isdir(DEFAULT_INIT):
-        args.init = DEFAULT_INIT  # train.py's default --out_dir
-    if not args.init:
-        raise UserError(f"no {DEFAULT_INIT}/ here (train.py's default output); give --init DIR (a train.py out_dir or ckpt_<step> folder) or --init_hf DIR (a Hugging Face "
-                        "BERT folder) to finetune pretrained weights, or --from_scratch --tokenizer FILE --model "
-                        "PRESET for random ones")
-    if args.model:
+        tok = common.load_tokenizer(tokenizer)
+        cfg = bert.make_config(model, tok.get_vocab_size(), **overrides)
+        return Init(cfg, None, tok, {"from_scratch": True, "model": model, "tokenizer": tokenizer,
+                                     "tokenizer_sha256": common.sha256_file(tokenizer)})
+    if not init and os.path.isdir(DEFAULT_INIT):
+        init = DEFAULT_INIT  # train.py's default --out_dir
+    if not init:
+        raise UserError(f"no {DEFAULT_INIT}/ here (train.py's default output); give --init DIR (a train.py out_dir "
+                        "or ckpt_<step> folder) or --init_hf DIR (a Hugging Face BERT folder) to finetune pretrained "
+                        "weights, or --from_scratch --tokenizer FILE --model PRESET for random ones")
+    if model:
         raise UserError("--model only applies with --from_scratch; the checkpoint fixes the model shape")
-    params, state = checkpoint.load_checkpoint(args.init)
+    params, state = checkpoint.load_checkpoint(init)
     ckpt, ckpt_tok_path = state["path"], state["tokenizer_path"]
-    if not args.tokenizer and not os.path.isfile(ckpt_tok_path):
+    if not tokenizer and not os.path.isfile(ckpt_tok_path):
         raise UserError(f"checkpoint {ckpt} has no tokenizer.json; pass the one it was pretrained with: "
                         "--tokenizer FILE")
-    tok_path = args.tokenizer or ckpt_tok_path
+    tok_path = tokenizer or ckpt_tok_path
     tok = common.load_tokenizer(tok_path)
     cfg = dataclasses.replace(checkpoint.model_config(state), **overrides)
     if tok.get_vocab_size() != cfg.vocab_size:
         raise UserError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but checkpoint {ckpt} was trained "
                         f"with vocab_size {cfg.vocab_size}: use the tokenizer it was pretrained with")
-    if args.tokenizer and os.path.isfile(ckpt_tok_path):
+    if tokenizer and os.path.isfile(ckpt_tok_path):
         if common.load_tokenizer(ckpt_tok_path).get_vocab() != tok.get_vocab():
             raise UserError(f"tokenizer {tok_path} has a different vocabulary from {ckpt_tok_path}, the one "
                             f"checkpoint {ckpt} was pretrained with")
@@ -268,16 +267,16 @@ def load_init(args) -> Init:
     return Init(cfg, params, tok, info)
 
 
-def load_init_hf(args, overrides: dict) -> Init:
+def load_init_hf(hf_dir: str, overrides: dict, model: str | None, tokenizer: str | None) -> Init:
     """--init_hf: a Hugging Face BERT folder with its tokenizer converted by hf.py; every task trains a new
     classifier (the folder's own, if any, has its own labels)."""
-    if args.model or args.tokenizer:
+    if model or tokenizer:
         raise UserError("--init_hf takes the model and its tokenizer from the folder; drop --model and --tokenizer")
-    cfg, params, tokenizer_bytes, info = hf.load_hf(args.init_hf)
+    cfg, params, tokenizer_bytes, info = hf.load_hf(hf_dir)
     if params.pop("classifier", None) is not None:
-        print(f"note: {args.init_hf}: its classifier ({info['num_labels']} labels) is not used")
+        print(f"note: {hf_dir}: its classifier ({info['num_labels']} labels) is not used")
     fresh = ["bert/pooler/dense"] * ("bert/pooler/dense" not in params) + ["classifier"]
-    print(f"note: {args.init_hf}: initialised fresh for each task: {', '.join(fresh)}")
+    print(f"note: {hf_dir}: initialised fresh for each task: {', '.join(fresh)}")
     info = {"init_hf": info["source"], "tokenizer_sha256": common.sha256_bytes(tokenizer_bytes)}
     return Init(dataclasses.replace(cfg, **overrides), params, Tokenizer.from_str(tokenizer_bytes.decode()), info)
 
@@ -326,42 +325,58 @@ def encode_task(tok: Tokenizer, train_set: glue.Examples, dev: dict, test: dict,
                     {f: (encode(tok, e, max_len), e.index) for f, e in test.items()}, info)
 
 
-def evaluate(task: glue.Task, logits_fn, params, data: TaskData, args) -> dict[str, float]:
+@dataclass(frozen=True)
+class Recipe:
+    """How every seed of every task trains and is scored (the flags of the same names)."""
+    epochs: int
+    batch_size: int
+    max_len: int
+    warmup: float  # fraction of the steps
+    weight_decay: float
+    precision: str
+    eval_batch_size: int
+    pad_multiple: int
+    log_every: int
+
+
+def evaluate(task: glue.Task, logits_fn, params, dev: dict, batch_size: int, multiple: int) -> dict[str, float]:
+    """dev: {metric suffix: (Encoded, labels)} -> the task's official metrics on each dev set."""
     metrics = {}
-    for suffix, (enc, labels) in data.dev.items():
-        outputs = predict(logits_fn, params, enc, args.eval_batch_size, args.pad_multiple)
+    for suffix, (enc, labels) in dev.items():
+        outputs = predict(logits_fn, params, enc, batch_size, multiple)
         metrics.update(glue.task_metrics(task, outputs, labels, suffix))
     return metrics
 
 
-def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches: list, args, key, step: int,
-                lr_fn, desc: str = "", on_log=None):
-    """One pass over batches (index arrays from make_batches). state = (params, opt_state, loss_scale);
-    lr_fn(step) -> learning rate. -> (state, step, mean loss). on_log(step, recent mean loss) every log_every."""
+def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches: list, *, batch_size: int,
+                multiple: int, key, step: int, lr_fn, log_every: int = 0, desc: str = "", on_log=None):
+    """One pass over batches (index arrays from make_batches), each padded by collate(batch_size, multiple).
+    state = (params, opt_state, loss_scale); lr_fn(step) -> learning rate. -> (state, step, mean loss).
+    on_log(step, recent mean loss) every log_every steps (0: never)."""
     losses = []
     bar = tqdm(batches, desc=desc, unit="batch", leave=False)
     for idx in bar:
-        b = collate(enc, idx, args.batch_size, args.pad_multiple, labels)
+        b = collate(enc, idx, batch_size, multiple, labels)
         *state, loss = step_fn(*state, b.tokens, b.types, b.mask, b.labels, b.weights, key, step,
                                np.float32(lr_fn(step)))
         losses.append(loss)
         step += 1
-        if step % args.log_every == 0:
-            recent = float(jnp.mean(jnp.stack(losses[-args.log_every:])))
+        if log_every and step % log_every == 0:
+            recent = float(jnp.mean(jnp.stack(losses[-log_every:])))
             bar.set_postfix(loss=f"{recent:.4f}", refresh=False)
             if on_log is not None:
                 on_log(step, recent)
     return tuple(state), step, float(jnp.mean(jnp.stack(losses)))
 
 
-def train_seed(task: glue.Task, init: Init, data: TaskData, args, seed: int, lr_fn, log_dir: str) -> dict:
+def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed: int, lr_fn, log_dir: str) -> dict:
     """Finetune from init with one seed; evaluate on dev after each epoch; predict test with the best epoch."""
     from tensorboardX import SummaryWriter
 
-    step_fn, logits_fn, optimizer = compiled_fns(init.cfg, task.num_labels, task.labels is None, args.weight_decay,
-                                                 args.precision)
+    step_fn, logits_fn, optimizer = compiled_fns(init.cfg, task.num_labels, task.labels is None,
+                                                 recipe.weight_decay, recipe.precision)
     params, fresh = init_params(init.cfg, task.num_labels, init.pretrained, jax.random.PRNGKey(seed))
-    loss_scale = jmp.DynamicLossScale(jnp.float32(2 ** 15)) if args.precision == "fp16" else jmp.NoOpLossScale()
+    loss_scale = jmp.DynamicLossScale(jnp.float32(2 ** 15)) if recipe.precision == "fp16" else jmp.NoOpLossScale()
     state = (params, optimizer.init(params), loss_scale)
     rng, dropout_key = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1_000_003)
     writer = SummaryWriter(log_dir)
@@ -372,14 +387,15 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, args, seed: int, lr_
 
     epochs, best, best_record, step = [], None, None, 0
     try:
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(1, recipe.epochs + 1):
             start = time.time()
-            batches = make_batches(data.train.lengths, args.batch_size, rng)
-            state, step, train_loss = train_epoch(step_fn, state, data.train, data.train_labels, batches, args,
-                                                  dropout_key, step, lr_fn, f"{task.name} seed {seed} epoch {epoch}",
-                                                  on_log)
+            batches = make_batches(data.train.lengths, recipe.batch_size, rng)
+            state, step, train_loss = train_epoch(
+                step_fn, state, data.train, data.train_labels, batches, batch_size=recipe.batch_size,
+                multiple=recipe.pad_multiple, key=dropout_key, step=step, lr_fn=lr_fn, log_every=recipe.log_every,
+                desc=f"{task.name} seed {seed} epoch {epoch}", on_log=on_log)
             train_seconds = time.time() - start
-            metrics = evaluate(task, logits_fn, state[0], data, args)
+            metrics = evaluate(task, logits_fn, state[0], data.dev, recipe.eval_batch_size, recipe.pad_multiple)
             score = glue.task_score(metrics)
             for name, value in metrics.items():
                 writer.add_scalar(f"dev/{name}", value, step)
@@ -394,44 +410,42 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, args, seed: int, lr_
                 best, best_record = jax.tree.map(np.array, state[0]), record  # a host copy: params get donated
     finally:
         writer.close()
-    test_outputs = {f: predict(logits_fn, best, enc, args.eval_batch_size, args.pad_multiple)
+    test_outputs = {f: predict(logits_fn, best, enc, recipe.eval_batch_size, recipe.pad_multiple)
                     for f, (enc, _) in data.test.items()}
     return {"seed": seed, "epochs": epochs, "best_epoch": best_record["epoch"], "best": best_record["dev"],
             "best_score": best_record["score"], "new_params": fresh, "test_outputs": test_outputs}
 
 
-def run_task(task: glue.Task, init: Init, data: TaskData, args) -> dict:
-    """All seeds of one task -> the results dict (also written to out_dir/<TASK>.json) and submission files."""
+def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: float, seeds: list[int],
+             out_dir: str, max_train_examples: int = 0) -> dict:
+    """Every seed of one task -> the results dict (also written to out_dir/<TASK>.json) and submission files.
+    max_train_examples: only recorded (data holds the rows already cut)."""
     start = time.time()
-    lr = args.lr if args.lr is not None else default_lr(task, init.cfg)
-    steps_per_epoch = -(-len(data.train.lengths) // args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    lr_fn = functools.partial(lr_at, lr=lr, total_steps=total_steps, warmup_steps=round(args.warmup * total_steps))
-    runs = []
-    for i in range(args.seeds):
-        seed = args.seed + i
-        runs.append(train_seed(task, init, data, args, seed, lr_fn,
-                               os.path.join(args.out_dir, "tb", task.name, f"seed{seed}")))
+    total_steps = -(-len(data.train.lengths) // recipe.batch_size) * recipe.epochs
+    lr_fn = functools.partial(finetune_lr, lr=lr, total_steps=total_steps,
+                              warmup_steps=round(recipe.warmup * total_steps))
+    runs = [train_seed(task, init, data, recipe, seed, lr_fn, os.path.join(out_dir, "tb", task.name, f"seed{seed}"))
+            for seed in seeds]
     # The submission comes from the median seed (by its best dev score; the upper one of two middles).
     chosen = sorted(runs, key=lambda r: (r["best_score"], r["seed"]))[len(runs) // 2]
     written = glue.write_submissions(task, chosen["test_outputs"], {f: index for f, (_, index) in data.test.items()},
-                                     os.path.join(args.out_dir, "submission"))
+                                     os.path.join(out_dir, "submission"))
     median = {k: statistics.median(r["best"][k] for r in runs) for k in runs[0]["best"]}
     result = {
         "task": task.name, "metrics": list(median), "median": median,
         "median_score": statistics.median(r["best_score"] for r in runs),
         "seeds": [{k: v for k, v in r.items() if k != "test_outputs"} for r in runs],
         "submission_seed": chosen["seed"], "submission_files": written,
-        "config": {"lr": lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
-                   "warmup": args.warmup, "weight_decay": args.weight_decay, "precision": args.precision,
-                   "seeds": [r["seed"] for r in runs], "steps": total_steps, "pad_multiple": args.pad_multiple,
-                   "max_train_examples": args.max_train_examples, "model": dataclasses.asdict(init.cfg)},
+        "config": {"lr": lr, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "max_len": recipe.max_len,
+                   "warmup": recipe.warmup, "weight_decay": recipe.weight_decay, "precision": recipe.precision,
+                   "seeds": [r["seed"] for r in runs], "steps": total_steps, "pad_multiple": recipe.pad_multiple,
+                   "max_train_examples": max_train_examples, "model": dataclasses.asdict(init.cfg)},
         "init": init.info, "data": data.info, "wall_seconds": time.time() - start,
     }
-    common.atomic_write_json(os.path.join(args.out_dir, f"{task.name}.json"), result)
+    common.atomic_write_json(os.path.join(out_dir, f"{task.name}.json"), result)
     print(f"{task.name}: median over {len(runs)} seed(s): "
           + ", ".join(f"{k} {100 * v:.2f}" for k, v in median.items())
-          + f"; wrote {os.path.join(args.out_dir, task.name + '.json')} and " + ", ".join(written), flush=True)
+          + f"; wrote {os.path.join(out_dir, task.name + '.json')} and " + ", ".join(written), flush=True)
     return result
 
 
@@ -507,28 +521,30 @@ def parse_args(argv=None):
         p.error("--warmup must be in [0, 1)")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         p.error("--dropout must be in [0, 1)")
-    args.precision = args.precision or ("fp32" if jax.default_backend() == "cpu" else "bf16")
+    args.precision = args.precision or bert.default_precision()
     return args
 
 
-def load_for_run(task: glue.Task, args, init: Init, required: bool) -> TaskData | None:
+def load_for_run(task: glue.Task, tok: Tokenizer, glue_dir: str | None, required: bool, *, holdout: float,
+                 skip_bad_rows: bool, max_train_examples: int, max_len: int) -> TaskData | None:
     """Read and tokenise a task. required=False (--task all): a task lacking train or dev data is skipped
     (None) and one lacking test data runs without writing its submission file, each with a note."""
-    if not required and args.glue_dir is not None:
-        missing = glue.missing_files(task, args.glue_dir, [task.train] + ([] if args.holdout else list(task.dev)))
+    if not required and glue_dir is not None:
+        missing = glue.missing_files(task, glue_dir, [task.train] + ([] if holdout else list(task.dev)))
         if missing:
             print(f"note: skipping {task.name}: missing " + ", ".join(missing))
             return None
-    train_set, dev, test = glue.load_task(task, args.glue_dir, args.skip_bad_rows, required, args.holdout)
-    if args.max_train_examples:
-        train_set = train_set.head(args.max_train_examples)
-    return encode_task(init.tokenizer, train_set, dev, test, args.max_len)
+    train_set, dev, test = glue.load_task(task, glue_dir, skip_bad_rows, required, holdout)
+    if max_train_examples:
+        train_set = train_set.head(max_train_examples)
+    return encode_task(tok, train_set, dev, test, max_len)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     keys = list(dict.fromkeys(key for _, key, _ in glue.TABLE)) if args.task == "all" else [args.task]
-    init = load_init(args)
+    init = load_init(init=args.init, init_hf=args.init_hf, from_scratch=args.from_scratch, tokenizer=args.tokenizer,
+                     model=args.model, dropout=args.dropout)
     if args.max_len > init.cfg.max_position:
         raise UserError(f"--max_len {args.max_len} exceeds the model's max_position {init.cfg.max_position}")
     if args.glue_dir is not None and not os.path.isdir(args.glue_dir):
@@ -540,8 +556,14 @@ def main(argv=None) -> dict:
     except OSError as e:
         raise UserError(f"cannot create --out_dir {args.out_dir}: {e.strerror or e}") from None
     # Read every task before training any, so that bad data stops the run at once, not hours in.
-    loaded = {key: load_for_run(glue.TASKS[key], args, init, required=args.task != "all") for key in keys}
-    results = {key: run_task(glue.TASKS[key], init, data, args) for key, data in loaded.items() if data is not None}
+    loaded = {key: load_for_run(glue.TASKS[key], init.tokenizer, args.glue_dir, required=args.task != "all",
+                                holdout=args.holdout, skip_bad_rows=args.skip_bad_rows,
+                                max_train_examples=args.max_train_examples, max_len=args.max_len) for key in keys}
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    seeds = [args.seed + i for i in range(args.seeds)]
+    results = {key: run_task(glue.TASKS[key], init, data, recipe, default_lr(glue.TASKS[key], init.cfg, args.lr),
+                             seeds, args.out_dir, args.max_train_examples)
+               for key, data in loaded.items() if data is not None}
     if args.task == "all":
         if not results:
             raise UserError(f"no GLUE task has both train and dev data under {args.glue_dir}")

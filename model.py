@@ -1,17 +1,21 @@
 """BERT in Haiku: the encoder (pre-LN, or BERT's original post-LN), an MLM head that decodes only the masked
-positions, a [CLS] classifier head, and the MLM objective (masking, loss) as pure functions.
+positions, a [CLS] classifier head, and the MLM objective (masking, loss) as pure functions; the FLOPs that MFU
+counts, and the AdamW that train.py and finetune.py both train with.
 
 Parameters are float32 pytrees; set_precision() picks the compute dtype. Parameter names follow BERT's
 structure ("bert/embeddings/word", "bert/layer_0/attention/output", ...) so that checkpoints can be mapped;
 the one difference: "attention/qkv" holds BERT's query, key and value matrices side by side ([H, 3H]).
 """
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import jmp
+import optax
 
 from common import MASK_ID, SPECIAL_TOKENS, UserError
 
@@ -101,6 +105,11 @@ def set_precision(precision: str) -> jmp.Policy:
     hk.mixed_precision.set_policy(Dense, jmp.Policy(param_dtype=f32, compute_dtype=compute, output_dtype=compute))
     hk.mixed_precision.set_policy(LayerNorm, jmp.Policy(param_dtype=f32, compute_dtype=f32, output_dtype=f32))
     return jmp.Policy(param_dtype=f32, compute_dtype=compute, output_dtype=f32)
+
+
+def default_precision() -> str:
+    """fp32 on CPU (no fast half-precision matmuls there), bf16 on GPU and TPU."""
+    return "fp32" if jax.default_backend() == "cpu" else "bf16"
 
 
 def _compute_dtype():
@@ -386,3 +395,38 @@ def flops_per_token(cfg: BertConfig, seq_len: int, mask_rate: float,
     head = H * H + H + 2 * H
     non_embedding = encoder_params(cfg) + decoded * head
     return 6 * non_embedding + 12 * cfg.num_layers * H * seq_len + 6 * H * cfg.vocab_size * decoded
+
+
+def matmul_timer(size: int, dtype, repeats: int) -> Callable[[int], float]:
+    """The MFU denominator's runner: run(steps) takes steps x `repeats` back-to-back jax.jit(a @ b) on [size, size]
+    matrices and returns the seconds (timed in bulk, like training steps, so that a busy machine weighs on both
+    alike). Each step is 2 * size**3 * repeats FLOPs."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps * repeats):
+            c = matmul(a, b)
+        c.block_until_ready()
+        return time.perf_counter() - start
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimiser: AdamW as BERT trains with it, for train.py and finetune.py
+
+def decay_mask(params) -> dict:
+    """Weight decay on matrices (weights, embeddings) only: not on biases or LayerNorm scales and offsets."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(*, weight_decay: float, b1: float, b2: float, eps: float,
+                   clip_norm: float) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping (clip_norm 0: none) with a unit learning rate: a step multiplies the
+    updates by the scheduled rate, a traced scalar, so that one compiled step serves every rate and schedule."""
+    clip = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    return optax.chain(*clip, optax.adamw(1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))

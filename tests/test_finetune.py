@@ -146,10 +146,10 @@ def test_predict_keeps_row_order():
 
 
 def test_schedule_warmup_then_linear_decay():
-    s = functools.partial(ft.lr_at, lr=1e-3, total_steps=100, warmup_steps=10)
+    s = functools.partial(ft.finetune_lr, lr=1e-3, total_steps=100, warmup_steps=10)
     assert s(0) == 0 and s(5) == pytest.approx(5e-4) and s(10) == pytest.approx(1e-3)
     assert s(55) == pytest.approx(5e-4) and s(100) == 0 and s(120) == 0
-    assert ft.lr_at(0, 1e-3, 100, 0) == pytest.approx(1e-3)  # no warmup: decay from the first step
+    assert ft.finetune_lr(0, 1e-3, 100, 0) == pytest.approx(1e-3)  # no warmup: decay from the first step
 
 
 def test_default_lr_is_higher_for_narrow_models():
@@ -182,15 +182,14 @@ def test_init_defaults_to_train_py_default_out_dir(tmp_path, tok_path, monkeypat
     vocab = load_tokenizer(tok_path).get_vocab_size()
     folder, _ = save_ckpt(tmp_path / "out", tok_path, vocab)
     monkeypatch.chdir(tmp_path)
-    init = ft.load_init(ft.parse_args(["--task", "rte"]))
+    init = ft.load_init()
     assert init.cfg.vocab_size == vocab and init.pretrained is not None
 
 
 def test_init_from_checkpoint_keeps_encoder_and_adds_head(tmp_path, tok_path):
     vocab = load_tokenizer(tok_path).get_vocab_size()
     folder, ckpt_params = save_ckpt(tmp_path / "run", tok_path, vocab)
-    args = ft.parse_args(["--task", "rte", "--init", str(tmp_path / "run")])
-    init = ft.load_init(args)
+    init = ft.load_init(init=str(tmp_path / "run"))
     assert init.cfg.hidden_size == 32 and init.info["checkpoint"] == os.path.abspath(folder)
     params, fresh = ft.init_params(init.cfg, 2, init.pretrained, jax.random.PRNGKey(0))
     assert sorted(fresh) == ["bert/pooler/dense/b", "bert/pooler/dense/w", "classifier/b", "classifier/w"]
@@ -310,8 +309,8 @@ def test_fp16_step_skips_overflow_and_lowers_the_scale():
     model.set_precision("fp16")
     try:
         net = model.classifier_model(cfg, 2)
-        opt = ft.make_optimizer(0.01)
-        step = ft.make_train_step(net, opt, regression=False)
+        opt = model.make_optimizer(weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
+        step = ft.make_finetune_step(net, opt, regression=False)
         params, _ = ft.init_params(cfg, 2, None, jax.random.PRNGKey(0))
         before = jax.tree.map(np.array, params)
         tokens = np.full((4, 8), 7, np.int32)

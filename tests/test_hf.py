@@ -341,17 +341,16 @@ def test_exported_folder_runs_in_transformers_with_the_same_logits(tmp_path, tin
 # --init_hf in finetune.py and train.py
 
 def test_finetune_init_hf_keeps_encoder_and_pooler_and_trains_a_new_classifier(tiny, capsys, tmp_path):
-    args = finetune.parse_args(["--task", "rte", "--init_hf", FIXTURE])
-    init = finetune.load_init(args)
+    init = finetune.load_init(init_hf=FIXTURE)
     assert "classifier (3 labels) is not used" in capsys.readouterr().out
     assert init.cfg == tiny[0] and init.tokenizer.to_str() == Tokenizer.from_str(tiny[2].decode()).to_str()
     params, fresh = finetune.init_params(init.cfg, 2, init.pretrained, jax.random.PRNGKey(0))
     assert sorted(fresh) == ["classifier/b", "classifier/w"]
     np.testing.assert_array_equal(params["bert/pooler/dense"]["w"], tiny[1]["bert/pooler/dense"]["w"])
-    for argv, message in ((["--init", str(tmp_path)], "only one of"), (["--from_scratch"], "only one of"),
-                          (["--model", "tiny"], "drop --model and --tokenizer")):
+    for other, message in (({"init": str(tmp_path)}, "only one of"), ({"from_scratch": True}, "only one of"),
+                           ({"model": "tiny"}, "drop --model and --tokenizer")):
         with pytest.raises(UserError, match=message):
-            finetune.load_init(finetune.parse_args(["--task", "rte", "--init_hf", FIXTURE, *argv]))
+            finetune.load_init(init_hf=FIXTURE, **other)
 
 
 def test_train_init_hf_continues_from_the_checkpoint(tmp_path, tiny, capsys, tiny_docs, tiny_tokenizer_path):

@@ -399,3 +399,13 @@ def test_flops_per_token_against_hand_count(post_ln):
     assert model.encoder_params(base) == enc == 85_054_464 + 4 * H
     assert model.flops_per_token(base, 128, 0.15) == pytest.approx(
         6 * (enc + 0.15 * (H * H + 3 * H)) + 12 * 12 * H * 128 + 6 * H * 30522 * 0.15)
+
+
+def test_weight_decay_only_on_matrices():
+    params = {"bert/layer_0/attention/query": {"w": np.ones((4, 4)), "b": np.ones(4)},
+              "bert/layer_0/mlp_layer_norm": {"scale": np.ones(4), "offset": np.ones(4)},
+              "bert/embeddings/word": {"embeddings": np.ones((9, 4))}, "mlm_head": {"output_bias": np.ones(9)}}
+    mask = model.decay_mask(params)
+    assert mask["bert/layer_0/attention/query"] == {"w": True, "b": False}
+    assert mask["bert/layer_0/mlp_layer_norm"] == {"scale": False, "offset": False}
+    assert mask["bert/embeddings/word"]["embeddings"] and not mask["mlm_head"]["output_bias"]
