@@ -1,7 +1,8 @@
 """Training-step throughput and MFU of model.py, next to Hugging Face transformers' BertForMaskedLM.
 
-A step is what train.py runs: masking, forward, backward and an AdamW update, in one jitted function that
-donates its buffers. MFU = flops_per_token * tokens/s / peak, where peak is a square matmul timed in this
+A step is train.py's own (train.make_train_step with train.py's default flags): masking, forward, backward,
+gradient clipping, AdamW with its decay mask, the metrics and the loss scale, in one jitted function that donates
+its buffers. MFU = flops_per_token * tokens/s / peak, where peak is a square matmul timed in this
 same run (fp32 on CPU; in the compute dtype for bf16/fp16). Tokens are synthetic: speed does not depend on
 them. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
     pip install torch==2.13.0 transformers   (the CPU build)
@@ -11,120 +12,58 @@ them. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
     python bench.py --model base --precision bf16      # on a GPU: MFU against the measured bf16 peak
 """
 import argparse
-import ctypes
-import ctypes.util
 import os
-import sys
 import time
+from functools import partial
 from typing import Callable
 
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS.
-
-    XLA:CPU allocates each step's temporaries (~0.85 GB for mini at batch 32) afresh; by default glibc hands
-    such large blocks back to the OS on free, so every step page-faults them in again (~20% of a step in
-    kernel time here). One arena, no mmap and no trimming make the heap reuse them. Must run before JAX (or
-    torch) starts threads. Returns False where mallopt is unavailable (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-    return all(mallopt(param, value) == 1
-               for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
-
-
-MALLOC_TUNED = "--no-malloc_tuning" not in sys.argv and keep_freed_memory()  # before JAX is imported
 # On a GPU, JAX would take 75% of its memory at start-up and leave transformers' PyTorch too little.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import tqdm  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import common  # noqa: E402
 import model  # noqa: E402
-
-
-def matmul_timer(size: int, dtype, repeats: int) -> Callable[[int], float]:
-    """A runner for the peak: each of its steps is `repeats` back-to-back jax.jit(a @ b) on [size, size]
-    matrices (timed in bulk, like training steps, so that a busy machine weighs on both alike)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
-    matmul = jax.jit(lambda a, b: a @ b)
-    matmul(a, b).block_until_ready()
-
-    def run(steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps * repeats):
-            c = matmul(a, b)
-        c.block_until_ready()
-        return time.perf_counter() - start
-
-    return run
+import train  # noqa: E402
+import train_flags  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Our training step
-
-def make_train_step(cfg: model.BertConfig, mask_rate: float, accum_steps: int, learning_rate: float = 1e-4):
-    """Returns (init(key, tokens) -> (params, opt_state), step(params, opt_state, tokens, key) -> (..., loss))."""
-    forward = model.mlm_model(cfg)
-    optimizer = optax.adamw(learning_rate, weight_decay=0.01)
-
-    def loss_fn(params, tokens, key):
-        inputs, positions, targets, weights = model.mask_tokens(key, tokens, mask_rate, cfg.vocab_size)
-        logits = forward.apply(params, None, inputs, positions)  # [B, M, V]
-        return model.mlm_loss(logits, targets, weights)[0]
-
-    def step(params, opt_state, tokens, key):
-        if accum_steps == 1:
-            loss, grads = jax.value_and_grad(loss_fn)(params, tokens, key)
-        else:
-            micro = tokens.reshape(accum_steps, -1, tokens.shape[-1])  # [A, B/A, T]
-            keys = jax.random.split(key, accum_steps)
-
-            def accumulate(grads, batch):
-                loss, g = jax.value_and_grad(loss_fn)(params, *batch)
-                return jax.tree.map(jnp.add, grads, g), loss
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, losses = jax.lax.scan(accumulate, zeros, (micro, keys))
-            grads = jax.tree.map(lambda g: g / accum_steps, grads)
-            loss = losses.mean()
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def init(key, tokens):
-        positions = jnp.zeros((tokens.shape[0], model.num_masked(tokens.shape[1], mask_rate)), jnp.int32)
-        params = jax.jit(forward.init)(key, tokens, positions)
-        return params, optimizer.init(params)
-
-    return init, jax.jit(step, donate_argnums=(0, 1))
-
+# Our training step: train.py's own
 
 class OurRunner:
-    """Holds params and optimizer state between timing rounds; run(n) takes n steps and returns seconds."""
+    """train.make_train_step as train.py runs it with its default flags (masking, forward, backward, clipping,
+    AdamW with its decay mask, the metrics, the loss scale), over every device. run(n) takes n steps and returns
+    the seconds they took."""
 
     def __init__(self, cfg, batch_size, seq_len, mask_rate, accum_steps=1):
-        init, self.step = make_train_step(cfg, mask_rate, accum_steps)
+        flags = train_flags.build_parser("").parse_args([])
+        net = model.mlm_model(cfg)
+        tx = model.make_optimizer(weight_decay=flags.weight_decay, b1=flags.b1, b2=flags.b2, eps=flags.eps,
+                                  clip_norm=flags.grad_clip)
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.step = train.make_train_step(net, tx, cfg, mask_rate, mesh)
+        init = partial(train.init_state, net, tx, seq_len=seq_len, num_masked=model.num_masked(seq_len, mask_rate))
+        self.state = jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.PRNGKey(0))
         rng = np.random.default_rng(0)
-        self.tokens = jnp.asarray(rng.integers(model.NUM_SPECIAL, cfg.vocab_size, (batch_size, seq_len)), jnp.int32)
-        self.params, self.opt_state = init(jax.random.PRNGKey(0), self.tokens)
-        self.key = jax.random.PRNGKey(1)
+        tokens = rng.integers(model.NUM_SPECIAL, cfg.vocab_size, (batch_size, seq_len)).astype(np.int32)
+        self.tokens = train.shard_rows(tokens, mesh)  # [B, T]
+        self.key = train.replicate(np.asarray(jax.random.PRNGKey(1)), mesh)
+        self.accum_steps, self.lr, self.steps = accum_steps, np.float32(flags.lr), 0
         self.run(1)  # compile
 
     def run(self, steps: int) -> float:
         """Take `steps` training steps; returns the seconds they took."""
         start = time.perf_counter()
         for _ in range(steps):
-            self.key, key = jax.random.split(self.key)
-            self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.tokens, key)
-        loss.block_until_ready()
+            self.state, metrics = self.step(self.state, self.tokens, np.int32(self.steps), self.lr, self.key,
+                                            accum_steps=self.accum_steps)
+            self.steps += 1
+        jax.block_until_ready((self.state, metrics))
         return time.perf_counter() - start
 
 
@@ -197,9 +136,8 @@ def interleaved(runners: dict[str, Callable[[int], float]], steps: int, rounds: 
     return {name: np.array(t) for name, t in times.items()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # --no-malloc_tuning is read before parsing
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mini", choices=list(model.PRESETS), help="model size preset")
     parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS), help="compute dtype")
     parser.add_argument("--batch_size", type=int, default=32, help="sequences per step")
@@ -215,36 +153,19 @@ def main():
                         help="compare with transformers BertForMaskedLM (default: on when JAX runs on CPU)")
     parser.add_argument("--hf_dropout", default="0.1,0.0", help="comma-separated dropout rates for transformers")
     parser.add_argument("--malloc_tuning", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep freed memory in the process (glibc mallopt) so that steps do not page-fault "
-                             "their temporaries afresh; applies to both sides of the comparison")
+                        help="keep freed memory in the process (glibc mallopt, as train.py does) so that steps do "
+                             "not page-fault their temporaries afresh; applies to both sides of the comparison")
     parser.add_argument("--sweep", action="store_true",
                         help="also time microbatch sizes 8..64 and 1/2/4 accumulation steps (ours only)")
-    args = parser.parse_args()
-    for name in ("batch_size", "seq_len", "steps", "rounds", "peak_size"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} must be positive")
-    try:
-        hf_dropouts = [float(d) for d in args.hf_dropout.split(",") if d.strip()]
-    except ValueError:
-        raise common.UserError(f"--hf_dropout must be comma-separated numbers, got {args.hf_dropout!r}") from None
-    compare_hf = (args.hf if args.hf is not None else jax.default_backend() == "cpu") and bool(hf_dropouts)
+    return parser
 
-    model.set_precision(args.precision)
-    cfg = model.make_config(args.model, args.vocab_size)
+
+def compare(args, cfg, hf_dropouts: list[float], peak_runner, peak_flop: float) -> None:
+    """Ours against transformers (one runner per dropout rate), interleaved: the table of tokens/s, MFU, ratios."""
     B, T = args.batch_size, args.seq_len
     flops = model.flops_per_token(cfg, T, args.mask_rate)
-    peak_dtype = jnp.dtype(model.PRECISIONS[args.precision])
-    peak_repeats = 5
-    peak_flop = 2 * args.peak_size**3 * peak_repeats  # per step of the peak runner
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"model: {args.model} L{cfg.num_layers}/H{cfg.hidden_size}/heads{cfg.num_heads}/I{cfg.intermediate_size}, "
-          f"vocab {cfg.vocab_size}, seq {T}, batch {B}, mask rate {args.mask_rate}, precision {args.precision}")
-    print(f"model FLOPs per token: {flops / 1e6:.1f} M (flops_per_token)")
-    print(f"malloc tuning (keep freed memory): {'on' if MALLOC_TUNED else 'off'}")
-
-    peak_runner = matmul_timer(args.peak_size, peak_dtype, peak_repeats)
     runners = {"peak": peak_runner, "ours": OurRunner(cfg, B, T, args.mask_rate).run}
-    if compare_hf:
+    if hf_dropouts:
         import torch
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} threads"
         print(f"transformers: torch {torch.__version__} on {where}")
@@ -255,7 +176,8 @@ def main():
     cpu = {}
     times = interleaved(runners, args.steps, args.rounds, cpu)
     peaks = peak_flop / times.pop("peak")  # FLOP/s in each round
-    print(f"peak: jit(a @ b), {args.peak_size}x{args.peak_size} {peak_dtype.name}: median {np.median(peaks) / 1e9:.1f} "
+    dtype = jnp.dtype(model.PRECISIONS[args.precision]).name
+    print(f"peak: jit(a @ b), {args.peak_size}x{args.peak_size} {dtype}: median {np.median(peaks) / 1e9:.1f} "
           f"GFLOP/s (rounds: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
 
     print(f"\n| {'run':<26} | {'tokens/s':>9} | {'MFU':>5} | {'ours / this':>11} |")
@@ -278,28 +200,61 @@ def main():
         print(f"MFU against the datasheet peak {args.peak_tflops} TFLOP/s: "
               f"{flops * ours / (args.peak_tflops * 1e12):.3f}")
 
-    if args.sweep:
-        print(f"\nmicrobatch size (ours, seq {T}, about {args.steps * B * T} tokens per round):")
-        sizes = (8, 16, 32, 64)
-        sweep = {b: OurRunner(cfg, b, T, args.mask_rate) for b in sizes}
-        # Every size runs about the same number of tokens per round (sizes below the batch take more steps).
-        sweep_runners = {b: (lambda r, n: lambda steps: r.run(n * steps) / n)(sweep[b], max(1, B // b))
-                         for b in sizes}
-        sweep_times = interleaved({"peak": peak_runner, **sweep_runners}, args.steps, args.rounds)
-        sweep_peaks = peak_flop / sweep_times.pop("peak")
-        print(f"| {'batch':>5} | {'tokens/s':>9} | {'MFU':>5} |")
-        print(f"|{'-' * 7}|{'-' * 11}|{'-' * 7}|")
-        for b, t in sweep_times.items():
-            mfu = np.median(flops * b * T / t / sweep_peaks)
-            print(f"| {b:>5} | {b * T / np.median(t):9.0f} | {mfu:5.2f} |")
 
-        print(f"\ngradient accumulation (ours, total batch {B}, lax.scan inside the one jitted step):")
-        accum = {a: OurRunner(cfg, B, T, args.mask_rate, accum_steps=a).run for a in (1, 2, 4) if B % a == 0}
-        accum_times = interleaved(accum, args.steps, args.rounds)
-        print(f"| {'steps':>5} | {'microbatch':>10} | {'tokens/s':>9} | {'vs 1 step':>9} |")
-        print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 11}|")
-        for a, t in accum_times.items():
-            print(f"| {a:>5} | {B // a:>10} | {B * T / np.median(t):9.0f} | {np.median(accum_times[1] / t):9.2f} |")
+def sweep(args, cfg, peak_runner, peak_flop: float) -> None:
+    """Ours at microbatch sizes 8..64 (about the same tokens per round), then 1, 2, 4 accumulation steps."""
+    B, T = args.batch_size, args.seq_len
+    flops = model.flops_per_token(cfg, T, args.mask_rate)
+    print(f"\nmicrobatch size (ours, seq {T}, about {args.steps * B * T} tokens per round):")
+    sizes = (8, 16, 32, 64)
+    runners = {b: OurRunner(cfg, b, T, args.mask_rate) for b in sizes}
+    # Every size runs about the same number of tokens per round (sizes below the batch take more steps).
+    sweep_runners = {b: (lambda r, n: lambda steps: r.run(n * steps) / n)(runners[b], max(1, B // b)) for b in sizes}
+    sweep_times = interleaved({"peak": peak_runner, **sweep_runners}, args.steps, args.rounds)
+    sweep_peaks = peak_flop / sweep_times.pop("peak")
+    print(f"| {'batch':>5} | {'tokens/s':>9} | {'MFU':>5} |")
+    print(f"|{'-' * 7}|{'-' * 11}|{'-' * 7}|")
+    for b, t in sweep_times.items():
+        mfu = np.median(flops * b * T / t / sweep_peaks)
+        print(f"| {b:>5} | {b * T / np.median(t):9.0f} | {mfu:5.2f} |")
+
+    print(f"\ngradient accumulation (ours, total batch {B}, lax.scan inside the one jitted step):")
+    accum = {a: OurRunner(cfg, B, T, args.mask_rate, accum_steps=a).run for a in (1, 2, 4) if B % a == 0}
+    accum_times = interleaved(accum, args.steps, args.rounds)
+    print(f"| {'steps':>5} | {'microbatch':>10} | {'tokens/s':>9} | {'vs 1 step':>9} |")
+    print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 11}|")
+    for a, t in accum_times.items():
+        print(f"| {a:>5} | {B // a:>10} | {B * T / np.median(t):9.0f} | {np.median(accum_times[1] / t):9.2f} |")
+
+
+def main():
+    args = build_parser().parse_args()
+    for name in ("batch_size", "seq_len", "steps", "rounds", "peak_size"):
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name} must be positive")
+    try:
+        hf_dropouts = [float(d) for d in args.hf_dropout.split(",") if d.strip()]
+    except ValueError:
+        raise common.UserError(f"--hf_dropout must be comma-separated numbers, got {args.hf_dropout!r}") from None
+    if not (args.hf if args.hf is not None else jax.default_backend() == "cpu"):
+        hf_dropouts = []
+    malloc_tuned = args.malloc_tuning and train.keep_freed_memory()  # before JAX and torch start their threads
+
+    model.set_precision(args.precision)
+    cfg = model.make_config(args.model, args.vocab_size)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"model: {args.model} L{cfg.num_layers}/H{cfg.hidden_size}/heads{cfg.num_heads}/I{cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}, seq {args.seq_len}, batch {args.batch_size}, mask rate {args.mask_rate}, "
+          f"precision {args.precision}")
+    print(f"model FLOPs per token: {model.flops_per_token(cfg, args.seq_len, args.mask_rate) / 1e6:.1f} M "
+          "(flops_per_token)")
+    print(f"malloc tuning (keep freed memory): {'on' if malloc_tuned else 'off'}")
+    peak_repeats = 5
+    peak_runner = model.matmul_timer(args.peak_size, model.PRECISIONS[args.precision], peak_repeats)
+    peak_flop = 2 * args.peak_size**3 * peak_repeats  # per step of the peak runner
+    compare(args, cfg, hf_dropouts, peak_runner, peak_flop)
+    if args.sweep:
+        sweep(args, cfg, peak_runner, peak_flop)
 
 
 if __name__ == "__main__":

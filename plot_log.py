@@ -21,9 +21,11 @@ import struct
 import common
 from common import UserError
 
-# The tags of train.py's writer.add_scalar calls (tests/test_plot_log.py checks them against train.py).
-TAGS = dict(loss="train/loss", lr="train/lr", batch_size="train/batch_size", tokens_per_s="perf/tokens_per_s",
-            eval_loss="eval/loss")
+# Every scalar train.py logs, by the name it logs it under; the x axis is tokens seen.
+TAGS = dict(loss="train/loss", accuracy="train/accuracy", lr="train/lr", batch_size="train/batch_size",
+            grad_norm="train/grad_norm", loss_scale="train/loss_scale", step="train/step",
+            skipped_steps="train/skipped_steps", tokens_per_s="perf/tokens_per_s", mfu="perf/mfu",
+            eval_loss="eval/loss", eval_accuracy="eval/accuracy")
 COLUMNS = [("tokens", "tokens"), ("train_loss", "train loss"), ("val_loss", "val loss"),
            ("tokens_per_s", "tokens/s")]
 

@@ -29,8 +29,10 @@ import checkpoint  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import model as bert  # noqa: E402
+import plot_log  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+import train_flags  # noqa: E402
 from common import UserError  # noqa: E402
 
 PHRASES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
@@ -190,32 +192,8 @@ def test_sequence_length_warmup_trains_on_short_windows_with_the_same_tokens_per
     assert (reader.batch(3, 2, 8) == [reader.tokens[o:o + 8] for o in offsets]).all()  # contiguous windows
 
 
-def test_token_counts_and_intervals():
-    assert [train.parse_count(s) for s in ("500k", "10M", "1.5B", "1e6", "1_000", "42")] == \
-        [500_000, 10_000_000, 1_500_000_000, 1_000_000, 1000, 42]
-    with pytest.raises(Exception):
-        train.parse_count("ten")
+def test_intervals():
     assert train.crossed(90, 110, 100) and not train.crossed(100, 199, 100) and not train.crossed(0, 500, 0)
-
-
-def test_weight_decay_only_on_matrices():
-    params = {"bert/layer_0/attention/query": {"w": np.ones((4, 4)), "b": np.ones(4)},
-              "bert/layer_0/mlp_layer_norm": {"scale": np.ones(4), "offset": np.ones(4)},
-              "bert/embeddings/word": {"embeddings": np.ones((9, 4))}, "mlm_head": {"output_bias": np.ones(9)}}
-    mask = train.decay_mask(params)
-    assert mask["bert/layer_0/attention/query"] == {"w": True, "b": False}
-    assert mask["bert/layer_0/mlp_layer_norm"] == {"scale": False, "offset": False}
-    assert mask["bert/embeddings/word"]["embeddings"] and not mask["mlm_head"]["output_bias"]
-
-
-def test_help_explains_every_flag(capsys):
-    parser = train.build_parser()
-    for action in parser._actions:
-        assert action.help, f"{action.option_strings} has no help"
-    with pytest.raises(SystemExit) as e:
-        parser.parse_args(["--help"])
-    assert e.value.code == 0
-    assert "--micro_batch_size" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -234,7 +212,7 @@ def test_loss_falls_and_run_writes_outputs(run, corpus):
     assert h["eval"][-1]["loss"] < chance - 1.5 and h["eval"][-1]["loss"] < h["eval"][0]["loss"]
     # The batch ramps 8 -> 16 in multiples of 8 and each accumulation count compiles exactly once.
     assert h["batch_size"][0] == 8 and h["batch_size"][-1] == 16 and set(h["batch_size"]) == {8, 16}
-    assert h["traces"] == [1, 2]
+    assert h["compiles"] == 2
     assert "step 20 | tokens" in run["stdout"] and "eval step 46 |" in run["stdout"]
     assert "mfu" in run["stdout"].splitlines()[-2]
     # Checkpoints every 16384 tokens and at the end, the last 3 kept; tensorboard events written.
@@ -253,6 +231,18 @@ def test_loss_falls_and_run_writes_outputs(run, corpus):
     shapes = jax.eval_shape(bert.mlm_model(cfg).init, jax.random.PRNGKey(0), np.zeros((1, 8), np.int32),
                             np.zeros((1, 2), np.int32))
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, params)
+
+
+def test_the_tensorboard_log_reads_back_through_plot_log(run, tmp_path):
+    """The event files train.py writes, read by plot_log.py: every tag, and the numbers the run returned."""
+    h = run["history"]
+    scalars = plot_log.read_log(run["out"])
+    assert set(scalars) == set(plot_log.TAGS.values())
+    assert list(scalars[plot_log.TAGS["loss"]].values()) == pytest.approx(h["loss"], rel=1e-6)
+    assert list(scalars[plot_log.TAGS["batch_size"]].values()) == h["batch_size"]
+    rows = plot_log.main([run["out"], "--out", str(tmp_path), "--no_plot"])
+    assert [r["tokens"] for r in rows] == [e["tokens"] for e in h["eval"]]
+    assert [r["val_loss"] for r in rows] == pytest.approx([e["loss"] for e in h["eval"]], rel=1e-6)
 
 
 def test_resume_repeats_the_uninterrupted_run(run, corpus, tmp_path):
@@ -297,7 +287,7 @@ def test_gradient_accumulation_equals_one_big_batch(corpus, cache_dir, tmp_path)
                                        "--eval_windows", "0", "--warmup_frac", "0", "--final_lr_frac", "1"))
         results.append((history, checkpoint.read_arrays(checkpoint.latest_checkpoint(str(tmp_path / micro)))))
     (h2, a2), (h1, a1) = results
-    assert h2["traces"] == [4] and h1["traces"] == [1]
+    assert h2["compiles"] == h1["compiles"] == 1
     assert h2["loss"][0] == pytest.approx(h1["loss"][0], rel=1e-6)
     assert h2["grad_norm"][0] == pytest.approx(h1["grad_norm"][0], rel=1e-5)
     assert set(a2) == set(a1)
@@ -316,13 +306,14 @@ def test_decode_all_gives_the_same_loss(corpus, cache_dir, tmp_path):
     masked, every = (train.main(run_flags(corpus, tmp_path / name, "--batch_size_start", "16", "--max_tokens",
                                           str(STEP_TOKENS), "--eval_windows", "0", *extra))
                      for name, extra in (("masked", []), ("all", ["--decode_all"])))
-    assert masked["traces"] == every["traces"] == [2]
+    assert masked["compiles"] == every["compiles"] == 1
     assert every["loss"][0] == pytest.approx(masked["loss"][0], abs=1e-5)
     assert every["accuracy"][0] == pytest.approx(masked["accuracy"][0], abs=1e-6)
     assert every["grad_norm"][0] == pytest.approx(masked["grad_norm"][0], rel=1e-5)
     assert checkpoint.read_state(checkpoint.latest_checkpoint(str(tmp_path / "all")))["args"]["decode_all"] is True
     for name, expected in (("all", True), ("masked", False)):  # --resume keeps it
-        assert train.parse_args(["--out_dir", str(tmp_path / name), "--resume"])[0].decode_all is expected
+        args, _ = train_flags.parse_args(["--out_dir", str(tmp_path / name), "--resume"], train.__doc__)
+        assert args.decode_all is expected
 
 
 def test_fp16_skips_non_finite_steps_and_lowers_the_scale(run, tmp_path):
