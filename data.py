@@ -66,7 +66,6 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
     tok.no_truncation()
     tokenizer_sha = common.sha256_file(tokenizer_path)
     vocab_size = tok.get_vocab_size()
-    dtype = token_dtype(vocab_size)
     sources = list(sources or [])
 
     _check_writable_folder(out_dir)
@@ -94,6 +93,32 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
     for name in os.listdir(out_dir):  # left by a killed run
         if re.fullmatch(r"(train|val)\.bin\.tmp\.\d+", name):
             os.remove(os.path.join(out_dir, name))
+    start = time.time()
+    counts, text_bytes = _write_splits(tok, _chain(first, documents), out_dir, token_dtype(vocab_size),
+                                       val_fraction, val_docs, batch_bytes, progress)
+    seconds = time.time() - start
+    meta = {
+        "format": FORMAT,
+        "vocab_size": vocab_size,
+        "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
+        "dtype": token_dtype(vocab_size).name,
+        "tokenizer_sha256": tokenizer_sha,
+        "splits": counts,
+        "sources": sources,
+        "split_rule": {"val_docs": val_docs} if val_docs is not None else {"val_fraction": val_fraction},
+        "stats": {"text_bytes": text_bytes, "seconds": round(seconds, 3),
+                  "replaced_bytes": (source_stats or {}).get("replaced_bytes", 0)},
+    }
+    common.fsync_dir(out_dir)
+    common.atomic_write_json(meta_path, meta)
+    common.fsync_dir(out_dir)
+    return meta
+
+
+def _write_splits(tok, documents: Iterator[str], out_dir: str, dtype, val_fraction: float, val_docs: int | None,
+                  batch_bytes: int, progress: bool) -> tuple[dict, int]:
+    """Encode the documents into out_dir/{train,val}.bin (written under temporary names, fsynced, renamed).
+    -> ({split: {"tokens", "docs"}}, bytes of text read)."""
     tmp = {s: os.path.join(out_dir, f"{s}.bin.tmp.{os.getpid()}") for s in SPLITS}
     counts = {s: {"tokens": 0, "docs": 0} for s in SPLITS}
     start = time.time()
@@ -104,7 +129,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
             files[s] = open(tmp[s], "wb")
         # Three stages overlap: reading (a thread), encoding (a thread; Rayon uses all cores and releases the GIL)
         # and, here, splitting and writing.
-        batches = _in_thread(_batches(_chain(first, documents), batch_bytes), depth=2)
+        batches = _in_thread(_batches(documents, batch_bytes), depth=2)
         index = 0
         with contextlib.closing(_in_thread(_encode(tok, batches), depth=1)) as encoded, \
                 tqdm(desc="tokenizing", unit="B", unit_scale=True, unit_divisor=1000, disable=not progress) as bar:
@@ -139,23 +164,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
-    seconds = time.time() - start
-    meta = {
-        "format": FORMAT,
-        "vocab_size": vocab_size,
-        "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
-        "dtype": dtype.name,
-        "tokenizer_sha256": tokenizer_sha,
-        "splits": counts,
-        "sources": sources,
-        "split_rule": {"val_docs": val_docs} if val_docs is not None else {"val_fraction": val_fraction},
-        "stats": {"text_bytes": text_bytes, "seconds": round(seconds, 3),
-                  "replaced_bytes": (source_stats or {}).get("replaced_bytes", 0)},
-    }
-    common.fsync_dir(out_dir)
-    common.atomic_write_json(meta_path, meta)
-    common.fsync_dir(out_dir)
-    return meta
+    return counts, text_bytes
 
 
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
