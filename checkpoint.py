@@ -59,7 +59,8 @@ def unflatten_like(template, arrays: dict, prefix: str):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def merge_params(fresh: dict, loaded: dict, source: str, encoder=(), notes: bool = True) -> tuple[dict, list[str]]:
+def merge_params(fresh: dict, loaded: dict, source: str, encoder: set[str] | frozenset[str] = frozenset(),
+                 notes: bool = True) -> tuple[dict, list[str]]:
     """fresh (a model's initial haiku params) with every parameter that loaded has, as float32 numpy arrays.
 
     -> (params, "module/name" of those left fresh). A shape that differs is an error, and so is a missing

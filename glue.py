@@ -88,6 +88,12 @@ TASKS: dict[str, Task] = {
 AX_FILE = "AX.tsv"
 STSB_RANGE = (0.0, 5.0)
 
+
+def task_key(name: str) -> str:
+    """A TASKS key from GLUE's spellings too: SST-2 -> sst2, STS-B -> stsb, MNLI -> mnli."""
+    return name.lower().replace("-", "")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Metrics (numpy; scores are fractions, shown x100 in tables)
 
@@ -389,8 +395,3 @@ def write_submissions(task: Task, outputs: dict[str, np.ndarray], index: dict[st
     for path, (file, out) in zip(paths, outputs.items()):
         write_submission(path, index[file], prediction_strings(task, out))
     return paths
-
-
-def task_key(name: str) -> str:
-    """A TASKS key from GLUE's spellings too: SST-2 -> sst2, STS-B -> stsb, MNLI -> mnli."""
-    return name.lower().replace("-", "")
