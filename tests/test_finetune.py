@@ -104,7 +104,7 @@ def test_tokenizer_file_with_padding_on_is_not_padded(tok_path):
     old = load_tokenizer(tok_path)  # tokenizer.py's files had padding switched on before
     old.enable_padding(pad_id=0, pad_token="[PAD]")
     texts = ["good", "the river city school of music"]
-    enc = ft.encode(ft.prepare_tokenizer(old, 64), ft.Examples(texts, None, None, ["0", "1"]), 64)
+    enc = ft.encode(ft.prepare_tokenizer(old, 64), glue.Examples(texts, None, None, ["0", "1"]), 64)
     assert enc.lengths.tolist() == [len(load_tokenizer(tok_path).encode(t).ids) for t in texts]
 
 
