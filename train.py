@@ -578,4 +578,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before JAX's first computation starts its threads
     common.run_main(main)
