@@ -262,7 +262,7 @@ def load_init(*, init: str | None = None, init_hf: str | None = None, from_scrat
         if common.load_tokenizer(ckpt_tok_path).get_vocab() != tok.get_vocab():
             raise UserError(f"tokenizer {tok_path} has a different vocabulary from {ckpt_tok_path}, the one "
                             f"checkpoint {ckpt} was pretrained with")
-    info = {"checkpoint": os.path.abspath(ckpt), "step": state.get("step"), "tokens_seen": state.get("tokens_seen"),
+    info = {"checkpoint": ckpt, "step": state.get("step"), "tokens_seen": state.get("tokens_seen"),
             "tokenizer": tok_path, "tokenizer_sha256": common.sha256_file(tok_path)}
     return Init(cfg, params, tok, info)
 

@@ -350,7 +350,7 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
         params["mlm_head"]["output_bias"] = params["mlm_head"]["output_bias"][old_id]
     params["bert/embeddings/position"]["embeddings"] = params["bert/embeddings/position"]["embeddings"][
         _position_offset(raw):]
-    info = {"source": os.path.abspath(hf_dir), "new_id": new_id, "old_id": old_id, "heads": present,
+    info = {"source": hf_dir, "new_id": new_id, "old_id": old_id, "heads": present,
             "missing_heads": [h for h in heads if h not in present], "unused": unused, "num_labels": num_labels}
     return cfg, params, tokenizer_bytes, info
 
