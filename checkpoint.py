@@ -3,15 +3,20 @@
     ckpt_00001000/arrays.npz      params and optimiser state; keys are "/"-joined pytree paths ("params/bert/...")
     ckpt_00001000/state.json      step, tokens seen, model config, precision, loss scale, PRNG, flags (run_state)
     ckpt_00001000/tokenizer.json  the tokenizer the data was made with
+    ckpt_00001000/manifest.json   written last: each file's size and sha256
 
 A folder is complete once it has its final name: it is written under a temporary one, fsynced and renamed, so a
-reader never sees half a checkpoint. finetune.py and hf.py read checkpoints through load_checkpoint.
+reader never sees half a checkpoint. Damage after that (a truncated copy, flipped bits, an edited state.json) is
+caught by the manifest: --resume skips to the newest checkpoint that verifies, load_checkpoint (finetune.py,
+hf.py) refuses. Folders from before the manifest are read unverified.
 """
 import dataclasses
 import json
 import os
 import re
 import shutil
+import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -23,6 +28,7 @@ from common import UserError
 CKPT_FORMAT = 1
 CKPT_RE = re.compile(r"^ckpt_(\d{8})$")
 TMP_PREFIX = ".tmp-ckpt_"
+MANIFEST = "manifest.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,13 +120,45 @@ def model_config(state: dict) -> bert.BertConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Finding, reading, writing
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The complete checkpoint folder with the highest step in out_dir (temp folders are never complete)."""
+def checkpoint_folders(out_dir: str) -> list[str]:
+    """The complete checkpoint folders in out_dir, oldest first (temp folders are never complete)."""
     if not os.path.isdir(out_dir):
-        return None
-    steps = sorted(int(m.group(1)) for name in os.listdir(out_dir) if (m := CKPT_RE.match(name))
-                   and os.path.isfile(os.path.join(out_dir, name, "state.json")))
-    return os.path.join(out_dir, f"ckpt_{steps[-1]:08d}") if steps else None
+        return []
+    return [os.path.join(out_dir, name) for name in sorted(os.listdir(out_dir)) if CKPT_RE.match(name)
+            and os.path.isfile(os.path.join(out_dir, name, "state.json"))]
+
+
+def latest_checkpoint(out_dir: str, skip_damaged: bool = False) -> str | None:
+    """The newest complete checkpoint folder in out_dir; skip_damaged: the newest that verifies, saying on stderr
+    which newer ones it skipped and why."""
+    for folder in reversed(checkpoint_folders(out_dir)):
+        if not skip_damaged or (problem := damage(folder)) is None:
+            return folder
+        print(f"warning: skipped damaged checkpoint {folder}: {problem}", file=sys.stderr)
+    return None
+
+
+def file_record(path: str) -> dict:
+    return {"size": os.path.getsize(path), "sha256": common.sha256_file(path)}
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with a checkpoint folder according to its manifest, or None if it verifies."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return None  # written before manifests existed
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({common.first_line(e)})"
+    for name, want in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if (got := file_record(path)) != want:
+            what = "size" if got["size"] != want["size"] else "sha256"
+            return f"{name} does not match the manifest ({what} {got[what]}, written {want[what]})"
+    return None
 
 
 def read_state(path: str) -> dict:
@@ -128,15 +166,15 @@ def read_state(path: str) -> dict:
         with open(os.path.join(path, "state.json")) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {common.first_line(e)}") from None
 
 
 def read_arrays(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(os.path.join(path, "arrays.npz")) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read checkpoint {path}: {common.first_line(e)}") from None
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict]:
@@ -149,6 +187,8 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
     folder = path if os.path.isfile(os.path.join(path, "state.json")) else latest_checkpoint(path)
     if folder is None:
         raise UserError(f"no complete checkpoint at {path} (expected a ckpt_* folder or a train.py --out_dir)")
+    if problem := damage(folder):
+        raise UserError(f"damaged checkpoint {folder}: {problem}")
     state = read_state(folder)
     params: dict = {}
     for key, value in read_arrays(folder).items():
@@ -163,12 +203,14 @@ def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], to
                     keep: int) -> str:
     """Write ckpt_<step>/ atomically (temp folder, fsync, rename), then drop all but the newest `keep`."""
     final = os.path.join(out_dir, f"ckpt_{state['step']:08d}")
-    if os.path.isdir(final):  # this step is already saved (e.g. a resumed run stopped at once): same contents
+    if os.path.isdir(final) and damage(final) is None:  # already saved (a resumed run stopped at once): same contents
         return final
     with common.atomic_dir(final, os.path.join(out_dir, f"{TMP_PREFIX}{state['step']:08d}.{os.getpid()}")) as tmp:
         write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
         common.atomic_write_json(os.path.join(tmp, "state.json"), state)
+        common.atomic_write_json(os.path.join(tmp, MANIFEST), {"files": {
+            name: file_record(os.path.join(tmp, name)) for name in ("arrays.npz", "tokenizer.json", "state.json")}})
     complete = sorted(name for name in os.listdir(out_dir) if CKPT_RE.match(name))
     for name in complete[:-keep]:  # renamed first, so that a half-deleted folder never looks complete
         os.rename(os.path.join(out_dir, name), os.path.join(out_dir, f"{TMP_PREFIX}old.{name}"))

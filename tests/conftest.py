@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic corpus and a tokenizer trained on it (seconds, no downloads)."""
+import os
 import random
 
 import jax
@@ -32,3 +33,18 @@ def tiny_tokenizer_path(tmp_path_factory, tiny_docs) -> str:
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     path.write_text(train_tokenizer(tiny_docs, vocab_size=200).to_str())
     return str(path)
+
+
+def damage_checkpoint(folder: str, fault: str) -> None:
+    """Damage a checkpoint folder as disks and copies do: "truncate" (arrays.npz loses its second half), "bitflip"
+    (one byte of arrays.npz inverted) or "empty_state" (state.json becomes {})."""
+    path = os.path.join(folder, "state.json" if fault == "empty_state" else "arrays.npz")
+    data = bytearray(open(path, "rb").read())
+    if fault == "truncate":
+        data = data[:len(data) // 2]
+    elif fault == "bitflip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = bytearray(b"{}")
+    with open(path, "wb") as f:
+        f.write(data)

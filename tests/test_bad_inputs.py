@@ -6,12 +6,15 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
+from conftest import damage_checkpoint  # noqa: E402
 
 HF_FIXTURE = os.path.join(ROOT, "tests", "data", "hf_tiny_bert")
 COORDINATOR = ["--coordinator", "localhost:12345"]
@@ -42,6 +45,12 @@ CASES = {
     "plot_out_is_a_file": ("plot_log.py", ["{root}/run", "--out", "{root}/a_file"], "is a file", None),
     "hf_tokenizer_out_exists": ("hf.py", ["--tokenizer", "{hf}", "{root}/a_file"], "--overwrite", None),
     "export_out_exists": ("hf.py", ["--export", "{root}/run", "{root}/tok_dir"], "--overwrite", None),
+    "init_truncated_checkpoint": ("finetune.py", ["--task", "sst2", "--init", "{root}/ckpts/ckpt_00000001"],
+                                  "damaged checkpoint", None),
+    "init_checkpoint_with_empty_state": ("finetune.py", ["--task", "sst2", "--init", "{root}/ckpts/ckpt_00000002"],
+                                         "damaged checkpoint", None),
+    "export_bitflipped_checkpoint": ("hf.py", ["--export", "{root}/ckpts/ckpt_00000003", "{root}/new_export"],
+                                     "damaged checkpoint", None),
     "export_overwrite_of_another_folder": ("hf.py", ["--export", "{root}/run", "{root}/data", "--overwrite"],
                                            "does not write", None),
 }
@@ -75,6 +84,11 @@ def results(tmp_path_factory, tiny_docs, tiny_tokenizer_path):
     open(os.path.join(root, "a_file"), "w").close()
     os.makedirs(os.path.join(root, "tok_dir"))
     open(os.path.join(root, "tok_dir", "tokenizer_config.json"), "w").close()
+
+    for step, fault in ((1, "truncate"), (2, "empty_state"), (3, "bitflip")):
+        folder = checkpoint.save_checkpoint(os.path.join(root, "ckpts"), dict(step=step, tokens_seen=step),
+                                            {"params/a/w": np.ones((64, 64))}, b"tok", keep=3)
+        damage_checkpoint(folder, fault)
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = {}

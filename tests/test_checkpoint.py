@@ -8,6 +8,7 @@ import pytest
 
 import checkpoint
 from common import UserError
+from conftest import damage_checkpoint
 
 
 def test_flatten_and_unflatten_round_trip_with_optimiser_state():
@@ -69,3 +70,35 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert sorted(os.listdir(out)) == ["ckpt_00000004", "ckpt_00000005"]  # old ones and leftovers gone
     with pytest.raises(UserError, match="no complete checkpoint"):
         checkpoint.load_checkpoint(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("fault", ["truncate", "bitflip", "empty_state"])
+def test_a_damaged_checkpoint_is_named_and_skipped(tmp_path, capsys, fault):
+    out = str(tmp_path)
+    arrays = {"params/bert/dense/w": np.arange(6000, dtype=np.float32).reshape(2, 3000)}
+    for step in (1, 2):
+        checkpoint.save_checkpoint(out, dict(step=step, tokens_seen=step), arrays, b"tok", keep=3)
+    newest = os.path.join(out, "ckpt_00000002")
+    assert checkpoint.damage(newest) is None
+    damage_checkpoint(newest, fault)
+    assert checkpoint.latest_checkpoint(out) == newest  # a plain look finds it; only verifying tells
+    assert checkpoint.latest_checkpoint(out, skip_damaged=True) == os.path.join(out, "ckpt_00000001")
+    name = "state.json" if fault == "empty_state" else "arrays.npz"
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: skipped damaged checkpoint {newest}: {name} does not match the manifest (")
+    assert err.count("\n") == 1
+    for path in (newest, out):  # loading names it, whether given as the folder or as its out_dir
+        with pytest.raises(UserError, match=f"damaged checkpoint {newest}: {name} does not match"):
+            checkpoint.load_checkpoint(path)
+    checkpoint.save_checkpoint(out, dict(step=2, tokens_seen=2), arrays, b"tok", keep=3)  # rewritten, not kept
+    assert checkpoint.damage(newest) is None and checkpoint.load_checkpoint(out)[1]["step"] == 2
+
+
+def test_checkpoints_from_before_the_manifest_still_load_and_bad_zips_are_user_errors(tmp_path):
+    folder = checkpoint.save_checkpoint(str(tmp_path), dict(step=1, tokens_seen=1), {"params/a/w": np.ones(3)},
+                                        b"tok", keep=1)
+    os.remove(os.path.join(folder, checkpoint.MANIFEST))
+    assert checkpoint.load_checkpoint(folder)[0]["a"]["w"].tolist() == [1, 1, 1]
+    damage_checkpoint(folder, "truncate")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        checkpoint.load_checkpoint(folder)

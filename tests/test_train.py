@@ -34,6 +34,7 @@ import tokenizer  # noqa: E402
 import train  # noqa: E402
 import train_flags  # noqa: E402
 from common import UserError  # noqa: E402
+from conftest import damage_checkpoint  # noqa: E402
 
 PHRASES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
            "all that glitters is not gold", "the early bird catches the worm", "actions speak louder than words",
@@ -262,6 +263,25 @@ def test_resume_repeats_the_uninterrupted_run(run, corpus, tmp_path):
         train.main(["--out_dir", str(out), "--resume", "--hidden_size", "128"])
     with pytest.raises(UserError, match="pass --resume"):
         train.main(run_flags(corpus, out))
+
+
+@pytest.mark.parametrize("fault", ["truncate", "bitflip", "empty_state"])
+def test_resume_skips_a_damaged_checkpoint(run, tmp_path, capsys, fault):
+    """The newest checkpoint damaged after it was written: --resume names it, takes the one before, and ends with
+    the uninterrupted run's weights."""
+    names = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))[:2]
+    out = tmp_path / "out"
+    for name in names:
+        shutil.copytree(os.path.join(run["out"], name), out / name)
+    damage_checkpoint(str(out / names[1]), fault)
+    resumed = train.main(["--out_dir", str(out), "--resume"])
+    assert f"skipped damaged checkpoint {out / names[1]}" in capsys.readouterr().err
+    assert resumed["start_step"] == int(names[0][len("ckpt_"):])
+    final = checkpoint.latest_checkpoint(run["out"])
+    assert checkpoint.latest_checkpoint(str(out)) == str(out / os.path.basename(final))
+    got = checkpoint.read_arrays(str(out / os.path.basename(final)))
+    for key, value in checkpoint.read_arrays(final).items():
+        np.testing.assert_array_equal(got[key], value)
 
 
 def test_two_devices_match_one_device(run, background):
