@@ -250,7 +250,7 @@ def read_glue_file(task: Task, path: str, labelled: bool, skip_bad_rows: bool = 
     headerless = task.headerless if labelled else ()
     names, rows, skipped = read_tsv(path, headerless, skip_bad_rows)
     if not rows:
-        raise UserError(f"{path} has no data rows")
+        raise UserError(f"{path} has no data rows" + (f" ({skipped} skipped as malformed)" if skipped else ""))
     text_cols = [_column(path, names, c) for c in task.columns]
     a = [fields[text_cols[0]] for _, fields in rows]
     b = [fields[text_cols[1]] for _, fields in rows] if len(text_cols) > 1 else None

@@ -170,6 +170,9 @@ def test_bad_rows_labels_and_missing_files(tmp_path):
         glue.load_task(glue.TASKS["sst2"], str(tmp_path))
     train_set, _, _ = glue.load_task(glue.TASKS["sst2"], str(tmp_path), skip_bad_rows=True)
     assert len(train_set) == 20 and train_set.skipped == 1
+    write(tmp_path / "SST-2/dev.tsv", "sentence\tlabel\n" + "no label\n" * 3)
+    with pytest.raises(UserError, match=r"dev.tsv has no data rows \(3 skipped as malformed\)"):
+        glue.load_task(glue.TASKS["sst2"], str(tmp_path), skip_bad_rows=True)
     write(tmp_path / "SST-2/dev.tsv", "sentence\tlabel\ngood film\t2\n")
     with pytest.raises(UserError, match=r"dev.tsv:2: label '2' is not one of SST-2's labels"):
         glue.load_task(glue.TASKS["sst2"], str(tmp_path), skip_bad_rows=True)
