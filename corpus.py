@@ -17,6 +17,7 @@ from common import UserError, first_line
 DEFAULT_HUB_DOCS = 10000  # the quick start's slice of Wikipedia (local files are read whole by default)
 DEFAULT_HF_DATASET, DEFAULT_HF_CONFIG, DEFAULT_HF_SPLIT = "wikimedia/wikipedia", "20231101.en", "train"
 FORMATS = ("auto", "text", "jsonl", "wikiextractor")
+MAX_LINE_BYTES = 64 << 20  # a longer line is an error: a file without newlines (/dev/zero) would fill memory
 
 
 def add_source_args(parser) -> None:
@@ -25,7 +26,8 @@ def add_source_args(parser) -> None:
     g.add_argument("--text_files", nargs="+", metavar="GLOB",
                    help="local corpus files (globs, ** allowed). Plain text: each non-empty line is a document. "
                         "JSON lines: one object per line, its 'text' field is a document. WikiExtractor output: "
-                        "each <doc> block is a document (title line dropped, title-only docs skipped). "
+                        "each <doc> block is a document (title line dropped, title-only docs skipped). A line "
+                        f"longer than {MAX_LINE_BYTES >> 20} MiB is an error. "
                         "Without this flag the corpus streams from the Hub (see --hf_dataset).")
     g.add_argument("--format", default="auto", choices=FORMATS,
                    help="format of --text_files; auto sniffs each file's first line "
@@ -145,7 +147,10 @@ def _read_file(path: str, fmt: str, stats: dict) -> Iterator[str]:
 
 
 def _lines(f, stats: dict) -> Iterator[str]:
-    for n, raw in enumerate(f):  # splitting at b"\n" is safe in UTF-8: no multi-byte character contains that byte
+    for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b"")):  # b"\n" is never in a UTF-8 char
+        if len(raw) > MAX_LINE_BYTES:
+            raise UserError(f"{f.name}:{n + 1}: line longer than {MAX_LINE_BYTES / 2**20:g} MiB, the limit; "
+                            "is this a text corpus?")
         stats["bytes"] += len(raw)
         yield _decode(raw.removeprefix(_BOM) if n == 0 else raw, stats).rstrip("\r\n")
 

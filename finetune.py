@@ -8,8 +8,10 @@ prediction files the GLUE test server takes.
 
 Without --glue_dir the data comes from the Hugging Face Hub (nyu-mll/glue). --glue_dir reads the original GLUE
 TSV layout (download_glue_data.py): DIR/CoLA/train.tsv, DIR/MNLI/dev_matched.tsv, DIR/diagnostic/diagnostic.tsv...
-Outputs in --out_dir: <TASK>.json (metrics per epoch and seed, medians, config), submission/<TASK>.tsv (zip the
-submission folder to submit), tb/ (tensorboardX scalars), and for --task all glue.json with the GLUE table.
+Outputs in --out_dir: <TASK>.json (metrics per epoch and seed, medians, config), <TASK>.dev.tsv (index, prediction,
+label per dev row; MNLI.dev_m.tsv, MNLI.dev_mm.tsv), submission/<TASK>.tsv (zip the submission folder to submit),
+tb/ (tensorboardX scalars), and for --task all glue.json with the GLUE table. Prediction files are the median
+seed's; STS-B scores are clipped to [0, 5] in them and in the dev metrics.
 """
 import argparse
 import dataclasses
@@ -311,7 +313,7 @@ def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, 
 class TaskData:
     train: Encoded
     train_labels: np.ndarray
-    dev: dict  # suffix -> (Encoded, labels)
+    dev: dict  # suffix -> (Encoded, labels, row ids)
     test: dict  # submission file -> (Encoded, row ids)
     info: dict
 
@@ -321,7 +323,7 @@ def encode_task(tok: Tokenizer, train_set: glue.Examples, dev: dict, test: dict,
     info = {"train": describe(train_set), "dev": {s or "dev": describe(e) for s, e in dev.items()},
             "test": {f: describe(e) for f, e in test.items()}}
     return TaskData(encode(tok, train_set, max_len), train_set.labels,
-                    {s: (encode(tok, e, max_len), e.labels) for s, e in dev.items()},
+                    {s: (encode(tok, e, max_len), e.labels, e.index) for s, e in dev.items()},
                     {f: (encode(tok, e, max_len), e.index) for f, e in test.items()}, info)
 
 
@@ -339,13 +341,14 @@ class Recipe:
     log_every: int
 
 
-def evaluate(task: glue.Task, logits_fn, params, dev: dict, batch_size: int, multiple: int) -> dict[str, float]:
-    """dev: {metric suffix: (Encoded, labels)} -> the task's official metrics on each dev set."""
-    metrics = {}
-    for suffix, (enc, labels) in dev.items():
-        outputs = predict(logits_fn, params, enc, batch_size, multiple)
-        metrics.update(glue.task_metrics(task, outputs, labels, suffix))
-    return metrics
+def evaluate(task: glue.Task, logits_fn, params, dev: dict, recipe: Recipe):
+    """dev: {metric suffix: (Encoded, labels, row ids)} -> (the task's official metrics on each dev set,
+    {suffix: model outputs})."""
+    metrics, outputs = {}, {}
+    for suffix, (enc, labels, _) in dev.items():
+        outputs[suffix] = predict(logits_fn, params, enc, recipe.eval_batch_size, recipe.pad_multiple)
+        metrics.update(glue.task_metrics(task, outputs[suffix], labels, suffix))
+    return metrics, outputs
 
 
 def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches: list, *, batch_size: int,
@@ -395,7 +398,7 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
                 multiple=recipe.pad_multiple, key=dropout_key, step=step, lr_fn=lr_fn, log_every=recipe.log_every,
                 desc=f"{task.name} seed {seed} epoch {epoch}", on_log=on_log)
             train_seconds = time.time() - start
-            metrics = evaluate(task, logits_fn, state[0], data.dev, recipe.eval_batch_size, recipe.pad_multiple)
+            metrics, dev_outputs = evaluate(task, logits_fn, state[0], data.dev, recipe)
             score = glue.task_score(metrics)
             for name, value in metrics.items():
                 writer.add_scalar(f"dev/{name}", value, step)
@@ -408,12 +411,14 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
                   + f" ({record['seconds']:.0f} s)", flush=True)
             if best_record is None or score > best_record["score"] or not np.isfinite(best_record["score"]):
                 best, best_record = jax.tree.map(np.array, state[0]), record  # a host copy: params get donated
+                best_dev = dev_outputs
     finally:
         writer.close()
     test_outputs = {f: predict(logits_fn, best, enc, recipe.eval_batch_size, recipe.pad_multiple)
                     for f, (enc, _) in data.test.items()}
     return {"seed": seed, "epochs": epochs, "best_epoch": best_record["epoch"], "best": best_record["dev"],
-            "best_score": best_record["score"], "new_params": fresh, "test_outputs": test_outputs}
+            "best_score": best_record["score"], "new_params": fresh, "test_outputs": test_outputs,
+            "dev_outputs": best_dev}
 
 
 def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: float, seeds: list[int],
@@ -426,16 +431,19 @@ def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: fl
                               warmup_steps=round(recipe.warmup * total_steps))
     runs = [train_seed(task, init, data, recipe, seed, lr_fn, os.path.join(out_dir, "tb", task.name, f"seed{seed}"))
             for seed in seeds]
-    # The submission comes from the median seed (by its best dev score; the upper one of two middles).
+    # Prediction files come from the median seed (by its best dev score; the upper one of two middles).
     chosen = sorted(runs, key=lambda r: (r["best_score"], r["seed"]))[len(runs) // 2]
     written = glue.write_submissions(task, chosen["test_outputs"], {f: index for f, (_, index) in data.test.items()},
                                      os.path.join(out_dir, "submission"))
+    dev_files = [os.path.join(out_dir, f"{task.name}.dev{suffix}.tsv") for suffix in data.dev]
+    for path, (suffix, (_, labels, index)) in zip(dev_files, data.dev.items()):
+        glue.write_predictions(path, task, index, chosen["dev_outputs"][suffix], labels)
     median = {k: statistics.median(r["best"][k] for r in runs) for k in runs[0]["best"]}
     result = {
         "task": task.name, "metrics": list(median), "median": median,
         "median_score": statistics.median(r["best_score"] for r in runs),
-        "seeds": [{k: v for k, v in r.items() if k != "test_outputs"} for r in runs],
-        "submission_seed": chosen["seed"], "submission_files": written,
+        "seeds": [{k: v for k, v in r.items() if k not in ("test_outputs", "dev_outputs")} for r in runs],
+        "submission_seed": chosen["seed"], "submission_files": written, "dev_prediction_files": dev_files,
         "config": {"lr": lr, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "max_len": recipe.max_len,
                    "warmup": recipe.warmup, "weight_decay": recipe.weight_decay, "precision": recipe.precision,
                    "seeds": [r["seed"] for r in runs], "steps": total_steps, "pad_multiple": recipe.pad_multiple,
@@ -445,7 +453,7 @@ def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: fl
     common.atomic_write_json(os.path.join(out_dir, f"{task.name}.json"), result)
     print(f"{task.name}: median over {len(runs)} seed(s): "
           + ", ".join(f"{k} {100 * v:.2f}" for k, v in median.items())
-          + f"; wrote {os.path.join(out_dir, task.name + '.json')} and " + ", ".join(written), flush=True)
+          + f"; wrote {os.path.join(out_dir, task.name + '.json')}, " + ", ".join(dev_files + written), flush=True)
     return result
 
 
@@ -507,7 +515,7 @@ def parse_args(argv=None):
                         "shapes, i.e. jit compilations, against less padding (default: 8)")
     g.add_argument("--log_every", type=int, default=50, help="steps between loss logs (default: 50)")
     g.add_argument("--out_dir", default="out/glue",
-                   help="results JSON, submission/ files and tb/ logs go here (default: out/glue)")
+                   help="results JSON, dev predictions, submission/ files and tb/ logs go here (default: out/glue)")
     args = p.parse_args(argv)
     for name, low in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("eval_batch_size", 1), ("pad_multiple", 1),
                       ("log_every", 1), ("max_len", 8), ("max_train_examples", 0)):
@@ -552,7 +560,7 @@ def main(argv=None) -> dict:
     prepare_tokenizer(init.tokenizer, args.max_len)
     bert.set_precision(args.precision)
     try:
-        os.makedirs(os.path.join(args.out_dir, "submission"), exist_ok=True)
+        os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out_dir {args.out_dir}: {e.strerror or e}") from None
     # Read every task before training any, so that bad data stops the run at once, not hours in.

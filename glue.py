@@ -144,10 +144,15 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 METRICS = {"acc": accuracy, "f1": f1, "mcc": matthews_corr, "pearson": pearson, "spearman": spearman}
 
 
+def predictions(task: Task, outputs: np.ndarray) -> np.ndarray:
+    """outputs [N, num_labels] (logits, or the score for regression) -> class ids, or scores clipped to STS-B's
+    range. Dev metrics, dev prediction files and submissions all use these, so dev scores what is submitted."""
+    return np.clip(outputs[:, 0], *STSB_RANGE) if task.labels is None else np.argmax(outputs, axis=-1)
+
+
 def task_metrics(task: Task, outputs: np.ndarray, labels: np.ndarray, suffix: str = "") -> dict[str, float]:
-    """outputs [N, num_labels] (logits, or the score for regression) -> {metric + suffix: value}."""
-    pred = outputs[:, 0] if task.labels is None else np.argmax(outputs, axis=-1)
-    return {f"{m}{suffix}": METRICS[m](pred, labels) for m in task.metrics}
+    """outputs [N, num_labels] -> {metric + suffix: value} of predictions(task, outputs)."""
+    return {f"{m}{suffix}": METRICS[m](predictions(task, outputs), labels) for m in task.metrics}
 
 
 def task_score(metrics: dict[str, float]) -> float:
@@ -250,7 +255,7 @@ def read_glue_file(task: Task, path: str, labelled: bool, skip_bad_rows: bool = 
     headerless = task.headerless if labelled else ()
     names, rows, skipped = read_tsv(path, headerless, skip_bad_rows)
     if not rows:
-        raise UserError(f"{path} has no data rows")
+        raise UserError(f"{path} has no data rows" + (f" ({skipped} skipped as malformed)" if skipped else ""))
     text_cols = [_column(path, names, c) for c in task.columns]
     a = [fields[text_cols[0]] for _, fields in rows]
     b = [fields[text_cols[1]] for _, fields in rows] if len(text_cols) > 1 else None
@@ -374,24 +379,28 @@ def glue_table(medians: dict[str, dict[str, float]]) -> str:
 # Submission files
 
 
-def prediction_strings(task: Task, outputs: np.ndarray) -> list[str]:
-    if task.labels is None:
-        return [f"{x:.3f}" for x in outputs[:, 0]]
-    return [task.labels[i] for i in np.argmax(outputs, axis=-1)]
+def label_strings(task: Task, values: np.ndarray) -> list[str]:
+    """Class ids or scores as GLUE's files spell them."""
+    return [f"{x:.3f}" for x in values] if task.labels is None else [task.labels[i] for i in values]
 
 
-def write_submission(path: str, index: list[str], predictions: list[str]) -> None:
-    """GLUE server format: header 'index<TAB>prediction', one row per test example, in the file's order."""
-    assert len(index) == len(predictions), (len(index), len(predictions))
-    lines = ["index\tprediction"] + [f"{i}\t{p}" for i, p in zip(index, predictions)]
+def write_predictions(path: str, task: Task, index: list[str], outputs: np.ndarray,
+                      labels: np.ndarray | None = None) -> None:
+    """GLUE server format (header 'index<TAB>prediction', rows in the file's order); labels (dev) add a column."""
+    columns = {"index": index, "prediction": label_strings(task, predictions(task, outputs))}
+    if labels is not None:
+        columns["label"] = label_strings(task, labels)
+    lines = ["\t".join(columns)] + ["\t".join(row) for row in zip(*columns.values(), strict=True)]
     common.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def write_submissions(task: Task, outputs: dict[str, np.ndarray], index: dict[str, list[str]],
                       folder: str) -> list[str]:
     """One submission file per test set: outputs and index map its file name (e.g. MNLI-m.tsv) to the model's
-    outputs [N, num_labels] and the test file's row ids. -> the paths written."""
+    outputs [N, num_labels] and the test file's row ids. folder is made only if there is a file to write.
+    -> the paths written."""
     paths = [os.path.join(folder, file) for file in outputs]
     for path, (file, out) in zip(paths, outputs.items()):
-        write_submission(path, index[file], prediction_strings(task, out))
+        os.makedirs(folder, exist_ok=True)
+        write_predictions(path, task, index[file], out)
     return paths

@@ -406,10 +406,11 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
                       eos_token_id=common.SEP_ID)
     tokenizer_text, tokenizer_config = for_transformers(tok, cfg.max_position)
 
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     with common.atomic_dir(out_dir, f"{out_dir}.tmp.{os.getpid()}") as tmp:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        # Not safetensors' save_file: it makes the file mode 0600, where every other output follows the umask.
+        common.atomic_write_bytes(os.path.join(tmp, "model.safetensors"), save(tensors, metadata={"format": "pt"}))
         common.atomic_write_json(os.path.join(tmp, "config.json"), config)
         common.atomic_write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_text.encode())

@@ -82,6 +82,17 @@ def test_num_docs_cap_globs_and_dedup(tmp_path):
     assert len(docs) == 12
 
 
+def test_a_line_over_the_limit_is_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "MAX_LINE_BYTES", 1 << 20)
+    (tmp_path / "ok.txt").write_bytes(b"a" * ((1 << 20) - 1) + b"\nb")  # the newline counts: exactly the limit
+    assert [len(d) for d in read([tmp_path / "ok.txt"])[0]] == [(1 << 20) - 1, 1]
+    (tmp_path / "one_line.txt").write_bytes(b"x" * (3 << 20))  # no newline at all
+    (tmp_path / "long.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "' + b"y" * (2 << 20) + b'"}\n')
+    for name, where in (("one_line.txt", "one_line.txt:1"), ("long.jsonl", "long.jsonl:2")):
+        with pytest.raises(UserError, match=f"{where}: line longer than 1 MiB, the limit"):
+            read([tmp_path / name])
+
+
 def test_bad_paths_fail_at_call_time(tmp_path):
     with pytest.raises(UserError, match="no files match"):
         corpus.iter_documents([str(tmp_path / "nothing*")])

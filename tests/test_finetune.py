@@ -231,6 +231,13 @@ def test_classification_learns_and_submission_is_right(glue_run):
     assert [i for i, _ in rows] == [str(100 + k) for k in range(len(test_rows))]
     correct = np.mean([p == str(y) for (_, p), (_, y) in zip(rows, test_rows)])
     assert correct >= 0.95  # predictions map back to the test file's row order
+    # Dev predictions of the submission's seed (the median), at its best epoch, with the dev file's labels
+    lines = open(os.path.join(out, "SST-2.dev.tsv")).read().splitlines()
+    assert lines[0] == "index\tprediction\tlabel" and sst2["dev_prediction_files"] == [f"{out}/SST-2.dev.tsv"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [(i, y) for i, _, y in rows] == [(str(k), str(y)) for k, (_, y) in enumerate(sst_rows(128, 1))]
+    seed = next(s for s in sst2["seeds"] if s["seed"] == sst2["submission_seed"])
+    assert np.mean([p == y for _, p, y in rows]) == pytest.approx(seed["best"]["acc"])
 
 
 def test_regression_learns_and_glue_table(glue_run):
@@ -239,7 +246,13 @@ def test_regression_learns_and_glue_table(glue_run):
     assert stsb["median"]["pearson"] > 0.9 and stsb["median"]["spearman"] > 0.9
     lines = open(os.path.join(out, "submission", "STS-B.tsv")).read().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 33
-    float(lines[1].split("\t")[1])
+    assert all(0 <= float(line.split("\t")[1]) <= 5 for line in lines[1:])
+    dev = [line.split("\t") for line in open(os.path.join(out, "STS-B.dev.tsv")).read().splitlines()[1:]]
+    assert len(dev) == 128 and all(0 <= float(p) <= 5 for _, p, _ in dev)
+    seed = next(s for s in stsb["seeds"] if s["seed"] == stsb["submission_seed"])
+    pred, label = np.array([[float(p), float(y)] for _, p, y in dev]).T
+    assert label.tolist() == [y for _, _, y in sts_rows(128, 4)]
+    assert glue.pearson(pred, label) == pytest.approx(seed["best"]["pearson"], abs=0.01)  # 3 decimals written
     table = json.load(open(os.path.join(out, "glue.json")))
     assert table["tasks"] == ["sst2", "stsb"]
     assert table["score"] == pytest.approx(np.mean([glue.task_score(results[k]["median"]) for k in ("sst2", "stsb")]))
@@ -259,6 +272,8 @@ def cli_errors(tmp_path_factory, tok_path):
     write_sst2(d / "labels", 20, 10)
     write(d / "labels/SST-2/train.tsv", "sentence\tlabel\nfine film\tpositive\n")
     write(d / "nodev/SST-2/train.tsv", "sentence\tlabel\nfine film\t1\n")
+    write_sst2(d / "allbad", 20, 10)
+    write(d / "allbad/SST-2/dev.tsv", "sentence\tlabel\n" + "no label\n" * 3)
     vocab = load_tokenizer(tok_path).get_vocab_size()
     save_ckpt(d / "notok", tok_path, vocab, with_tokenizer=False)
     other_tok = d / "other.json"
@@ -269,6 +284,8 @@ def cli_errors(tmp_path_factory, tok_path):
         "unknown task": (["--task", "squad", "--glue_dir", str(d / "ok")] + scratch, "invalid choice"),
         "missing split": (["--task", "sst2", "--glue_dir", str(d / "nodev")] + scratch, "missing GLUE file"),
         "malformed row": (["--task", "sst2", "--glue_dir", str(d / "rows")] + scratch, "dev.tsv:12: expected 2"),
+        "every row bad": (["--task", "sst2", "--glue_dir", str(d / "allbad"), "--skip_bad_rows"] + scratch,
+                          "dev.tsv has no data rows (3 skipped as malformed)"),
         "bad label": (["--task", "sst2", "--glue_dir", str(d / "labels")] + scratch, "label 'positive' is not one"),
         "no tokenizer": (["--task", "sst2", "--glue_dir", str(d / "ok"), "--init", str(d / "notok")],
                          "has no tokenizer.json"),
@@ -288,17 +305,22 @@ def cli_errors(tmp_path_factory, tok_path):
     for p in procs.values():
         p.stdout.close()
         p.stderr.close()
-    return {name: (rc, err, cases[name][1]) for name, (rc, err) in results.items()}
+    return {name: (rc, err, cases[name][1]) for name, (rc, err) in results.items()}, d / "results"
 
 
-@pytest.mark.parametrize("case", ["unknown task", "missing split", "malformed row", "bad label", "no tokenizer",
-                                  "vocab mismatch", "no init", "scratch needs model", "no hub"])
+@pytest.mark.parametrize("case", ["unknown task", "missing split", "malformed row", "every row bad", "bad label",
+                                  "no tokenizer", "vocab mismatch", "no init", "scratch needs model", "no hub"])
 def test_cli_bad_input(cli_errors, case):
-    rc, err, expected = cli_errors[case]
+    rc, err, expected = cli_errors[0][case]
     assert rc == 2, err
     assert "Traceback" not in err and expected in err
     if case != "unknown task":  # argparse prints its usage first
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_failed_runs_leave_no_submission_folder(cli_errors):
+    out_dir = cli_errors[1]  # made before the data is read, which failed in several cases
+    assert os.path.isdir(out_dir) and not os.path.exists(out_dir / "submission")
 
 
 def test_fp16_step_skips_overflow_and_lowers_the_scale():

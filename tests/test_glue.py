@@ -51,6 +51,9 @@ def test_task_metrics_and_glue_score():
     assert glue.task_metrics(glue.TASKS["mrpc"], logits, np.array([0, 1, 0])) == {"f1": pytest.approx(2 / 3),
                                                                                "acc": pytest.approx(2 / 3)}
     assert list(glue.task_metrics(glue.TASKS["mnli"], np.eye(3), np.arange(3), "_mm")) == ["acc_mm"]
+    # STS-B is scored on the clipped scores that a submission holds: these are exactly the labels
+    stsb = glue.task_metrics(glue.TASKS["stsb"], np.array([[-1.0], [0.5], [9.0]]), np.array([0.0, 0.5, 5.0]))
+    assert stsb == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0)}
     # BERT-large's GLUE leaderboard row has score 80.5 (MNLI counts once, as the mean of m and mm)
     medians = {"cola": {"mcc": .605}, "sst2": {"acc": .949}, "mrpc": {"f1": .893, "acc": .854},
                "stsb": {"pearson": .876, "spearman": .865}, "qqp": {"f1": .721, "acc": .893},
@@ -170,6 +173,9 @@ def test_bad_rows_labels_and_missing_files(tmp_path):
         glue.load_task(glue.TASKS["sst2"], str(tmp_path))
     train_set, _, _ = glue.load_task(glue.TASKS["sst2"], str(tmp_path), skip_bad_rows=True)
     assert len(train_set) == 20 and train_set.skipped == 1
+    write(tmp_path / "SST-2/dev.tsv", "sentence\tlabel\n" + "no label\n" * 3)
+    with pytest.raises(UserError, match=r"dev.tsv has no data rows \(3 skipped as malformed\)"):
+        glue.load_task(glue.TASKS["sst2"], str(tmp_path), skip_bad_rows=True)
     write(tmp_path / "SST-2/dev.tsv", "sentence\tlabel\ngood film\t2\n")
     with pytest.raises(UserError, match=r"dev.tsv:2: label '2' is not one of SST-2's labels"):
         glue.load_task(glue.TASKS["sst2"], str(tmp_path), skip_bad_rows=True)
@@ -180,14 +186,22 @@ def test_bad_rows_labels_and_missing_files(tmp_path):
         glue.read_glue_file(glue.TASKS["stsb"], str(tmp_path / "STS-B/train.tsv"), True)
 
 
-def test_submission_files(tmp_path):
-    path = str(tmp_path / "RTE.tsv")
+def test_submission_and_dev_prediction_files(tmp_path):
     outputs = np.array([[0.1, 0.9], [2.0, -1.0]])
-    glue.write_submission(path, ["0", "1"], glue.prediction_strings(glue.TASKS["rte"], outputs))
-    assert open(path).read() == "index\tprediction\n0\tnot_entailment\n1\tentailment\n"
-    assert glue.prediction_strings(glue.TASKS["mnli"], np.eye(3)) == ["entailment", "neutral", "contradiction"]
-    assert glue.prediction_strings(glue.TASKS["cola"], outputs) == ["1", "0"]
-    assert glue.prediction_strings(glue.TASKS["stsb"], np.array([[3.14159], [0.5]])) == ["3.142", "0.500"]
+    assert glue.write_submissions(glue.TASKS["rte"], {"RTE.tsv": outputs}, {"RTE.tsv": ["7", "9"]},
+                                  str(tmp_path / "sub")) == [str(tmp_path / "sub" / "RTE.tsv")]
+    assert open(tmp_path / "sub" / "RTE.tsv").read() == "index\tprediction\n7\tnot_entailment\n9\tentailment\n"
+    assert glue.write_submissions(glue.TASKS["rte"], {}, {}, str(tmp_path / "none")) == []
+    assert not os.path.exists(tmp_path / "none")  # no test set, no submission folder
+    strings = lambda task, out: glue.label_strings(glue.TASKS[task], glue.predictions(glue.TASKS[task], out))  # noqa
+    assert strings("mnli", np.eye(3)) == ["entailment", "neutral", "contradiction"]
+    assert strings("cola", outputs) == ["1", "0"]
+    # STS-B scores outside [0, 5] are clipped, as the test server expects
+    assert strings("stsb", np.array([[3.14159], [0.5], [-0.4], [5.7]])) == ["3.142", "0.500", "0.000", "5.000"]
+    path = str(tmp_path / "STS-B.dev.tsv")
+    glue.write_predictions(path, glue.TASKS["stsb"], ["0", "1"], np.array([[5.7], [2.0]]), np.array([4.8, 1.25]))
+    assert open(path).read() == "index\tprediction\tlabel\n0\t5.000\t4.800\n1\t2.000\t1.250\n"
+    assert set(os.listdir(tmp_path)) == {"sub", "STS-B.dev.tsv"}  # no temporary left behind
     assert {s.submission for t in glue.TASKS.values() for s in t.test} == {
         "CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "QNLI.tsv",
         "RTE.tsv", "WNLI.tsv", "AX.tsv"}

@@ -269,6 +269,10 @@ def test_export_then_import_gives_the_same_model(tmp_path, tiny_tokenizer_path, 
     assert hf.export_hf(str(tmp_path / "run"), out) == ("BertForMaskedLM" if post_ln else
                                                          "RobertaPreLayerNormForMaskedLM")
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f: os.stat(os.path.join(out, f)).st_mode & 0o777 for f in os.listdir(out)} == {
+        f: 0o666 & ~umask for f in os.listdir(out)}  # as open() makes them (safetensors' save_file: 0600)
     config = json.loads(open(os.path.join(out, "config.json")).read())
     assert config["max_position_embeddings"] == 24 + (not post_ln) and config["type_vocab_size"] == 2
     cfg2, params2, tokenizer_bytes, info = hf.load_hf(out)

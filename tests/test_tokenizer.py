@@ -170,6 +170,7 @@ def test_cli_bad_inputs(tmp_path):
     assert_user_error(run_cli("--text_files", tmp_path / "adir", "--out", out), "is a directory")
     assert_user_error(run_cli("--text_files", tmp_path / "empty.txt", "--out", tmp_path / "no" / "tok.json"),
                       "does not exist")
+    assert_user_error(run_cli("--text_files", "/dev/zero", "--out", out), "/dev/zero:1: line longer than 64 MiB")
     assert not out.exists()
 
 
