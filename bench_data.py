@@ -12,8 +12,8 @@ start-up included), which a busy machine disturbs less.
 import argparse
 import glob
 import json
+import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,7 @@ import time
 
 import common
 import corpus
+import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,27 +48,15 @@ def run_measured(args: list[str], work: str) -> tuple[float, float, float]:
     return time.time() - start, cpu, maxrss_kib / 1024
 
 
-def cpu_seconds() -> float:
-    u = resource.getrusage(resource.RUSAGE_SELF)  # all threads, Rayon's included
-    return u.ru_utime + u.ru_stime
-
-
 def ceiling(tok, docs: list[str], method: str, batch_bytes: int | None) -> tuple[float, float]:
     """(wall, CPU) seconds of the library's batch encoder over all documents: one call, or batches of about
     batch_bytes of text (as data.py makes them)."""
-    batches, batch, size = [], [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc.encode("utf-8"))
-        if batch_bytes is not None and size >= batch_bytes:
-            batches.append(batch)
-            batch, size = [], 0
-    batches.append(batch)
+    batches = [batch for batch, _ in data._batches(iter(docs), batch_bytes or math.inf)]
     encode = getattr(tok, method)
-    start, start_cpu = time.time(), cpu_seconds()
+    start, start_cpu = time.time(), time.process_time()  # CPU time of all threads, Rayon's included
     for batch in batches:
         encode(batch, add_special_tokens=False)
-    return time.time() - start, cpu_seconds() - start_cpu
+    return time.time() - start, time.process_time() - start_cpu
 
 
 def main() -> None:

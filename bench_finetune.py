@@ -84,7 +84,6 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, *, lr: f
     sched = transformers.get_linear_schedule_with_warmup(opt, round(warmup * total_steps), total_steps)
     net.train()
     for idx in batches:
-        T = int(enc.lengths[idx].max())
         ids, types, mask = hf_batch(enc, idx, id_map)
         out = net(input_ids=ids, token_type_ids=types, attention_mask=mask,
                   labels=torch.from_numpy(labels[idx].astype(np.int64)))
@@ -93,7 +92,7 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, *, lr: f
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        yield float(out.loss.detach()), int(enc.lengths[idx].sum()), len(idx) * T
+        yield float(out.loss.detach()), int(enc.lengths[idx].sum()), ids.numel()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,18 +36,11 @@ MANIFEST = "manifest.json"
 
 def path_key(path) -> str:
     """A pytree key path -> "a/b/0/c" (dict keys, sequence indices and attribute names, "/"-joined)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {f"{prefix}/{path_key(path)}": np.asarray(leaf) for path, leaf in leaves}
+    return {f"{prefix}/{path_key(path)}": np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def unflatten_like(template, arrays: dict, prefix: str):

@@ -9,6 +9,7 @@ last: a folder without it is incomplete, and load_meta / TokenReader refuse it.
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -94,7 +95,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
         if re.fullmatch(r"(train|val)\.bin\.tmp\.\d+", name):
             os.remove(os.path.join(out_dir, name))
     start = time.time()
-    counts, text_bytes = _write_splits(tok, _chain(first, documents), out_dir, token_dtype(vocab_size),
+    counts, text_bytes = _write_splits(tok, itertools.chain([first], documents), out_dir, token_dtype(vocab_size),
                                        val_fraction, val_docs, batch_bytes, progress)
     seconds = time.time() - start
     meta = {
@@ -165,11 +166,6 @@ def _write_splits(tok, documents: Iterator[str], out_dir: str, dtype, val_fracti
             if os.path.exists(path):
                 os.remove(path)
     return counts, text_bytes
-
-
-def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
 
 
 def _batches(documents: Iterator[str], batch_bytes: int) -> Iterator[tuple[list[str], int]]:
@@ -324,10 +320,7 @@ class TokenReader:
             raise UserError(f"windows of {T} tokens do not fit split {self.split} ({self.num_tokens} tokens)")
         rng = np.random.default_rng([self.seed, step])
         offsets = rng.integers(0, self.num_tokens - T + 1, size=batch_size)  # [B]
-        out = np.empty((batch_size, T), dtype=np.int32)  # [B, T]
-        for row, offset in enumerate(offsets):
-            out[row] = self.tokens[offset:offset + T]
-        return out
+        return self.tokens[offsets[:, None] + np.arange(T)].astype(np.int32)  # [B, T]
 
 
 def main() -> None:

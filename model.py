@@ -195,8 +195,7 @@ def _attention(cfg: BertConfig, x, mask, is_training):
         # One [H, 3H] projection for query, key and value (BERT's three matrices side by side): one larger
         # matmul is faster than three small ones. Scaling q by 1/sqrt(D) is cheaper than scaling the logits.
         qkv = _dense(3 * H, "qkv")(x).reshape(B, T, 3, N, D)
-        scale = jnp.asarray([1.0 / math.sqrt(D), 1.0, 1.0], qkv.dtype)[:, None, None]  # [3, 1, 1]
-        qkv = qkv * scale
+        qkv = qkv * jnp.asarray([1.0 / math.sqrt(D), 1.0, 1.0], qkv.dtype)[:, None, None]  # scale: [3, 1, 1]
         dropout_rate = cfg.dropout if is_training else 0.0
         if dropout_rate > 0 or jax.default_backend() == "cpu":
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, N, T, D] each

@@ -52,15 +52,14 @@ def read_records(path: str) -> list[bytes]:
         buf = f.read()
     records, at = [], 0
     while at + 12 <= len(buf):
-        header = buf[at:at + 8]
-        (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", buf[at + 8:at + 12])
-        if header_crc != masked_crc32c(header):
+        length, header_crc = struct.unpack_from("<QI", buf, at)
+        if header_crc != masked_crc32c(buf[at:at + 8]):
             raise UserError(f"{path}: corrupt record header at byte {at} (not a tensorboard event file?)")
         end = at + 12 + length + 4
         if end > len(buf):
             break
         data = buf[at + 12:end - 4]
-        if struct.unpack("<I", buf[end - 4:end])[0] != masked_crc32c(data):
+        if struct.unpack_from("<I", buf, end - 4)[0] != masked_crc32c(data):
             raise UserError(f"{path}: corrupt record at byte {at}")
         records.append(data)
         at = end
