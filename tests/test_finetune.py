@@ -173,8 +173,9 @@ def save_ckpt(out_dir, tok_path, vocab_size, with_tokenizer=True):
     state = {"step": 5, "tokens_seen": 640, "config": dataclasses.asdict(cfg), "precision": "fp32"}
     folder = checkpoint.save_checkpoint(str(out_dir), state, checkpoint.flatten(params, "params"),
                                    open(tok_path, "rb").read(), keep=1)
-    if not with_tokenizer:
+    if not with_tokenizer:  # as a checkpoint from before the manifest, which did not list its files
         os.remove(os.path.join(folder, "tokenizer.json"))
+        os.remove(os.path.join(folder, checkpoint.MANIFEST))
     return folder, params
 
 

@@ -303,6 +303,7 @@ def test_export_refuses_a_checkpoint_it_cannot_map(tmp_path, tiny_tokenizer_path
     arrays = checkpoint.read_arrays(folder)
     del arrays["params/bert/embeddings/layer_norm/scale"], arrays["params/bert/embeddings/layer_norm/offset"]
     checkpoint.write_arrays(os.path.join(folder, "arrays.npz"), arrays)
+    os.remove(os.path.join(folder, checkpoint.MANIFEST))  # as a hand-made checkpoint, which has none
     with pytest.raises(UserError, match="lacks bert/embeddings/layer_norm"):
         hf.export_hf(folder, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
