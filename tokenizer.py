@@ -9,6 +9,7 @@ Like Hugging Face's own tokenizer.json files it pads and truncates nothing. An -
 tokenizer_config.json beside it, so that transformers.AutoTokenizer.from_pretrained(its folder) loads it.
 """
 import argparse
+import itertools
 import json
 import os
 import time
@@ -61,7 +62,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = Fal
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, limit_alphabet=limit_alphabet,
                                         continuing_subword_prefix="##", show_progress=show_progress)
-    tok.train_from_iterator(_batches(documents, batch_docs), trainer=trainer)
+    docs = iter(documents)
+    tok.train_from_iterator(iter(lambda: list(itertools.islice(docs, batch_docs)), []), trainer=trainer)
     for want_id, token in enumerate(SPECIAL_TOKENS):  # the trainer puts them first; the contract depends on it
         assert tok.token_to_id(token) == want_id, (token, tok.token_to_id(token))
     return tok
@@ -81,25 +83,6 @@ def for_transformers(tok: Tokenizer, model_max_length: int = MODEL_MAX_LENGTH) -
               "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
               "model_input_names": MODEL_INPUT_NAMES, **dict(zip(SPECIAL_KEYS, SPECIAL_TOKENS))}
     return text, config
-
-
-def config_path(out: str) -> str | None:
-    """Where main() writes tokenizer_config.json: beside out when out is named tokenizer.json, else nowhere (a
-    folder of tokenizers with other names would have one settings file for them all)."""
-    if os.path.basename(out) != "tokenizer.json":
-        return None
-    return os.path.join(os.path.dirname(out), "tokenizer_config.json")
-
-
-def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch = []
-    for doc in documents:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _with_progress(documents: Iterable[str], stats: dict) -> Iterator[str]:
@@ -133,10 +116,12 @@ def main() -> None:
     args = p.parse_args()
 
     check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
-    settings_path = config_path(args.out)
-    for path in (args.out, settings_path):
-        if path:
-            common.check_new_file(path, args.overwrite)
+    # tokenizer_config.json goes beside an --out named tokenizer.json, else nowhere (a folder of tokenizers with
+    # other names would have one settings file for them all)
+    settings_path = (os.path.join(os.path.dirname(args.out), "tokenizer_config.json")
+                     if os.path.basename(args.out) == "tokenizer.json" else None)
+    for path in filter(None, (args.out, settings_path)):
+        common.check_new_file(path, args.overwrite)
     stats: dict = {}
     documents = corpus.require_documents(corpus.documents_from_args(args, stats), stats)
     start = time.time()
