@@ -36,6 +36,7 @@ import glue
 import hf
 import model as bert
 from common import CLS_ID, SEP_ID, UserError
+from tokenizer import build_tokenizer
 
 # BERT's grid is for BERT-base. Models narrower than 512 (tiny, mini) barely move at those rates: mini on SST-2
 # at 3e-5 kept train loss at 0.65 after 564 steps, at 2e-4 it fell to 0.2 (README, results/sst2/).
@@ -53,12 +54,9 @@ class Encoded:
 
 
 def prepare_tokenizer(tok: Tokenizer, max_len: int) -> Tokenizer:
-    """BERT inputs: '[CLS] A [SEP] B [SEP]' with types 0/1, pairs cut longest-first to max_len, no padding."""
-    from tokenizers import processors
-
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
+    """BERT inputs: '[CLS] A [SEP] B [SEP]' with types 0/1 (tokenizer.py's template), pairs cut longest-first to
+    max_len, no padding."""
+    tok.post_processor = build_tokenizer().post_processor
     tok.enable_truncation(max_len, strategy="longest_first")
     tok.no_padding()
     return tok
