@@ -536,7 +536,7 @@ def load_for_run(task: glue.Task, tok: Tokenizer, glue_dir: str | None, required
     """Read and tokenise a task. required=False (--task all): a task lacking train or dev data is skipped
     (None) and one lacking test data runs without writing its submission file, each with a note."""
     if not required and glue_dir is not None:
-        missing = glue.missing_files(task, glue_dir, [task.train] + ([] if holdout else list(task.dev)))
+        missing = glue.missing_files(glue_dir, [task.train] + ([] if holdout else list(task.dev)))
         if missing:
             print(f"note: skipping {task.name}: missing " + ", ".join(missing))
             return None

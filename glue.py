@@ -295,8 +295,7 @@ def read_hub_split(task: Task, split: Split) -> Examples:
                     f"hf:nyu-mll/glue/{config}[{name}]")
 
 
-def missing_files(task: Task, glue_dir: str, splits=None) -> list[str]:
-    splits = (task.train, *task.dev) if splits is None else splits
+def missing_files(glue_dir: str, splits) -> list[str]:
     return [p for p in (os.path.join(glue_dir, s.file) for s in splits) if not os.path.isfile(p)]
 
 
@@ -316,13 +315,10 @@ def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, req
                             "(download_glue_data.py layout)") from None
         return (read_hub_split(task, task.train), {s.suffix: read_hub_split(task, s) for s in task.dev},
                 {s.submission: read_hub_split(task, s) for s in task.test})
-    if not os.path.isdir(glue_dir):
-        raise UserError(f"--glue_dir {glue_dir} is not a folder")
-    dev_missing = bool(missing_files(task, glue_dir, task.dev))
-    use_holdout = holdout > 0 and dev_missing
+    use_holdout = holdout > 0 and bool(missing_files(glue_dir, task.dev))
     required = ([task.train] + ([] if use_holdout else list(task.dev))
                 + ([s for s in task.test if s.submission != AX_FILE] if require_test else []))
-    missing = missing_files(task, glue_dir, required)
+    missing = missing_files(glue_dir, required)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"missing GLUE file {missing[0]}{more}")
