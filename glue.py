@@ -290,8 +290,7 @@ def read_hub_split(task: Task, split: Split) -> Examples:
     a = list(ds[task.hf_columns[0]])
     b = list(ds[task.hf_columns[1]]) if len(task.hf_columns) > 1 else None
     labels = np.asarray(ds["label"], np.float32 if task.labels is None else np.int32)
-    unlabelled = name.startswith("test")
-    return Examples(a, b, None if unlabelled else labels, [str(i) for i in ds["idx"]], 0,
+    return Examples(a, b, None if name.startswith("test") else labels, [str(i) for i in ds["idx"]], 0,
                     f"hf:nyu-mll/glue/{config}[{name}]")
 
 
@@ -360,10 +359,8 @@ def glue_score(medians: dict[str, dict[str, float]]) -> float:
 
 def glue_table(medians: dict[str, dict[str, float]]) -> str:
     """medians: task key -> median metrics (fractions). Cells x100; '-' for tasks not run."""
-    cells = []
-    for header, key, names in TABLE:
-        m = medians.get(key)
-        cells.append("-" if m is None else "/".join(f"{100 * m[n]:.1f}" for n in names))
+    cells = ["-" if key not in medians else "/".join(f"{100 * medians[key][n]:.1f}" for n in names)
+             for _, key, names in TABLE]
     headers = [h for h, _, _ in TABLE] + ["Score"]
     cells.append(f"{100 * glue_score(medians):.1f}" if medians else "-")
     widths = [max(len(h), len(c)) for h, c in zip(headers, cells)]
