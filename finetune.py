@@ -160,11 +160,8 @@ def task_loss(logits, labels, weights, regression: bool):
     return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def default_lr(task: glue.Task, cfg: bert.BertConfig, lr: float | None = None) -> float:
-    """The peak learning rate: lr (--lr) if given, else the task's, or NARROW_LR for a model narrower than
-    NARROW_HIDDEN."""
-    if lr is not None:
-        return lr
+def default_lr(task: glue.Task, cfg: bert.BertConfig) -> float:
+    """The peak learning rate without --lr: the task's, or NARROW_LR for a model narrower than NARROW_HIDDEN."""
     return NARROW_LR if cfg.hidden_size < NARROW_HIDDEN else task.lr
 
 
@@ -286,8 +283,7 @@ def _jitted_init(cfg: bert.BertConfig, num_labels: int):
     return jax.jit(bert.classifier_model(cfg, num_labels).init)  # compiled once: faster than op by op
 
 
-def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, key,
-                source: str = "the checkpoint") -> tuple[dict, list[str]]:
+def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, key) -> tuple[dict, list[str]]:
     """Classifier params: encoder from the checkpoint, new head (pooler, classifier) from key.
 
     -> (params, names of freshly initialised params). An encoder param the checkpoint lacks, or one whose shape
@@ -299,7 +295,7 @@ def init_params(cfg: bert.BertConfig, num_labels: int, pretrained: dict | None, 
         return params, [f"{m}/{n}" for m, leaves in params.items() for n in leaves]
     mlm = jax.eval_shape(bert.mlm_model(cfg).init, key, tokens, jnp.zeros((1, 1), jnp.int32))
     encoder = {f"{m}/{n}" for m, leaves in mlm.items() for n in leaves}
-    merged, fresh = checkpoint.merge_params(params, pretrained, source, encoder, notes=False)
+    merged, fresh = checkpoint.merge_params(params, pretrained, "the checkpoint", encoder, notes=False)
     return jax.tree.map(jnp.asarray, merged), fresh
 
 
@@ -567,7 +563,7 @@ def main(argv=None) -> dict:
                                 max_train_examples=args.max_train_examples, max_len=args.max_len) for key in keys}
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     seeds = [args.seed + i for i in range(args.seeds)]
-    results = {key: run_task(glue.TASKS[key], init, data, recipe, default_lr(glue.TASKS[key], init.cfg, args.lr),
+    results = {key: run_task(glue.TASKS[key], init, data, recipe, args.lr or default_lr(glue.TASKS[key], init.cfg),
                              seeds, args.out_dir, args.max_train_examples)
                for key, data in loaded.items() if data is not None}
     if args.task == "all":
