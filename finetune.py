@@ -312,15 +312,6 @@ class TaskData:
     info: dict
 
 
-def encode_task(tok: Tokenizer, train_set: glue.Examples, dev: dict, test: dict, max_len: int) -> TaskData:
-    describe = lambda e: {"rows": len(e), "source": e.source, "skipped_rows": e.skipped}  # noqa: E731
-    info = {"train": describe(train_set), "dev": {s or "dev": describe(e) for s, e in dev.items()},
-            "test": {f: describe(e) for f, e in test.items()}}
-    return TaskData(encode(tok, train_set, max_len), train_set.labels,
-                    {s: (encode(tok, e, max_len), e.labels, e.index) for s, e in dev.items()},
-                    {f: (encode(tok, e, max_len), e.index) for f, e in test.items()}, info)
-
-
 @dataclass(frozen=True)
 class Recipe:
     """How every seed of every task trains and is scored (the flags of the same names)."""
@@ -539,7 +530,12 @@ def load_for_run(task: glue.Task, tok: Tokenizer, glue_dir: str | None, required
     train_set, dev, test = glue.load_task(task, glue_dir, skip_bad_rows, required, holdout)
     if max_train_examples:
         train_set = train_set.head(max_train_examples)
-    return encode_task(tok, train_set, dev, test, max_len)
+    describe = lambda e: {"rows": len(e), "source": e.source, "skipped_rows": e.skipped}  # noqa: E731
+    info = {"train": describe(train_set), "dev": {s or "dev": describe(e) for s, e in dev.items()},
+            "test": {f: describe(e) for f, e in test.items()}}
+    return TaskData(encode(tok, train_set, max_len), train_set.labels,
+                    {s: (encode(tok, e, max_len), e.labels, e.index) for s, e in dev.items()},
+                    {f: (encode(tok, e, max_len), e.index) for f, e in test.items()}, info)
 
 
 def main(argv=None) -> dict:
