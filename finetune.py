@@ -126,8 +126,7 @@ def collate(enc: Encoded, idx: np.ndarray, batch_size: int, multiple: int,
     tokens[:n], types[:n], lengths[:n] = enc.ids[idx, :T], enc.types[idx, :T], enc.lengths[idx]
     tokens[n:, 0], tokens[n:, 1] = CLS_ID, SEP_ID  # filler rows: "[CLS] [SEP]", never an all-masked row
     mask = np.arange(T)[None, :] < lengths[:, None]  # [B, T]
-    label_dtype = np.int32 if labels is None else labels.dtype
-    batch_labels = np.zeros(batch_size, label_dtype)
+    batch_labels = np.zeros(batch_size, np.int32 if labels is None else labels.dtype)
     if labels is not None:
         batch_labels[:n] = labels[idx]
     weights = (np.arange(batch_size) < n).astype(np.float32)
@@ -236,8 +235,7 @@ def load_init(*, init: str | None = None, init_hf: str | None = None, from_scrat
         cfg = bert.make_config(model, tok.get_vocab_size(), **overrides)
         return Init(cfg, None, tok, {"from_scratch": True, "model": model, "tokenizer": tokenizer,
                                      "tokenizer_sha256": common.sha256_file(tokenizer)})
-    if not init and os.path.isdir(DEFAULT_INIT):
-        init = DEFAULT_INIT  # train.py's default --out_dir
+    init = init or (DEFAULT_INIT if os.path.isdir(DEFAULT_INIT) else None)  # train.py's default --out_dir
     if not init:
         raise UserError(f"no {DEFAULT_INIT}/ here (train.py's default output); give --init DIR (a train.py out_dir "
                         "or ckpt_<step> folder) or --init_hf DIR (a Hugging Face BERT folder) to finetune pretrained "
@@ -508,12 +506,9 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= {low}")
     if args.lr is not None and not args.lr > 0:
         p.error("--lr must be > 0")
-    if not 0 <= args.holdout < 1:
-        p.error("--holdout must be in [0, 1)")
-    if not 0 <= args.warmup < 1:
-        p.error("--warmup must be in [0, 1)")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        p.error("--dropout must be in [0, 1)")
+    for name in ("holdout", "warmup", "dropout"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
+            p.error(f"--{name} must be in [0, 1)")
     args.precision = args.precision or bert.default_precision()
     return args
 
@@ -540,7 +535,7 @@ def load_for_run(task: glue.Task, tok: Tokenizer, glue_dir: str | None, required
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    keys = list(dict.fromkeys(key for _, key, _ in glue.TABLE)) if args.task == "all" else [args.task]
+    keys = list(glue.TASKS) if args.task == "all" else [args.task]
     init = load_init(init=args.init, init_hf=args.init_hf, from_scratch=args.from_scratch, tokenizer=args.tokenizer,
                      model=args.model, dropout=args.dropout)
     if args.max_len > init.cfg.max_position:
