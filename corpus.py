@@ -218,12 +218,7 @@ def _read_hub(name: str, config: str | None, split: str, stats: dict) -> Iterato
     import datasets  # slow import (~1 s): only when streaming from the Hub
 
     try:
-        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
+        for row in datasets.load_dataset(name, config, split=split, streaming=True):
             text = row.get("text")
             if not isinstance(text, str):
                 raise UserError(f"Hub dataset {name} has no string 'text' field (fields: {', '.join(row)})")
