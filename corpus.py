@@ -57,8 +57,6 @@ def iter_documents(text_files=None, fmt: str = "auto", num_docs: int | None = No
     DEFAULT_HUB_DOCS from the Hub). Undecodable bytes are replaced by U+FFFD, never fatal. If stats (a dict) is
     given it is filled in as reading goes: docs, bytes (of text read), replaced_bytes, sources (list of names).
     """
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if num_docs is None:
         num_docs = 0 if text_files else DEFAULT_HUB_DOCS
     if num_docs < 0:
