@@ -71,27 +71,23 @@ def iter_documents(text_files=None, fmt: str = "auto", num_docs: int | None = No
         check_hub_reachable()
         stats["sources"] = [f"hf:{hf_dataset}" + (f"/{hf_config}" if hf_config else "") + f"[{hf_split}]"]
         docs = _read_hub(hf_dataset, hf_config, hf_split, stats)
-    return _count_and_cap(docs, num_docs, stats)
+    return _counted(itertools.islice(docs, num_docs or None), stats)
 
 
 def require_documents(documents: Iterator[str], stats: dict) -> Iterator[str]:
     """The same documents, after checking (by reading the first) that there is at least one."""
     first = next(documents, None)
     if first is None:
-        raise UserError(f"no documents in {_describe(stats['sources'])}")
+        sources = stats["sources"]
+        raise UserError(f"no documents in {', '.join(sources[:3])}" +
+                        (f" and {len(sources) - 3} more" if len(sources) > 3 else ""))
     return itertools.chain([first], documents)
 
 
-def _describe(sources: list[str]) -> str:
-    return ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
-
-
-def _count_and_cap(docs, num_docs: int, stats: dict) -> Iterator[str]:
+def _counted(docs, stats: dict) -> Iterator[str]:
     for doc in docs:
         stats["docs"] += 1
         yield doc
-        if stats["docs"] == num_docs:
-            return
 
 
 def resolve_text_files(patterns) -> list[str]:
