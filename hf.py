@@ -190,6 +190,8 @@ def _names(cfg: bert.BertConfig, base: str) -> tuple[dict, dict]:
                "bert/embeddings/position": {"embeddings": [f"{e}.position_embeddings.weight"]},
                "bert/embeddings/token_type": {"embeddings": [f"{e}.token_type_embeddings.weight"]},
                "bert/embeddings/layer_norm": _norm(f"{e}.LayerNorm")}
+    attention_norm, mlp_norm = (("attention.output.LayerNorm", "output.LayerNorm") if cfg.post_ln
+                                else ("attention.LayerNorm", "intermediate.LayerNorm"))
     for i in range(cfg.num_layers):
         ours, hf = f"bert/layer_{i}", f"{base}encoder.layer.{i}"
         qkv = [f"{hf}.attention.self.{x}" for x in ("query", "key", "value")]
@@ -197,19 +199,14 @@ def _names(cfg: bert.BertConfig, base: str) -> tuple[dict, dict]:
         encoder[f"{ours}/attention/output"] = _dense(f"{hf}.attention.output.dense")
         encoder[f"{ours}/mlp/intermediate"] = _dense(f"{hf}.intermediate.dense")
         encoder[f"{ours}/mlp/output"] = _dense(f"{hf}.output.dense")
-        if cfg.post_ln:
-            encoder[f"{ours}/attention_layer_norm"] = _norm(f"{hf}.attention.output.LayerNorm")
-            encoder[f"{ours}/mlp_layer_norm"] = _norm(f"{hf}.output.LayerNorm")
-        else:
-            encoder[f"{ours}/attention_layer_norm"] = _norm(f"{hf}.attention.LayerNorm")
-            encoder[f"{ours}/mlp_layer_norm"] = _norm(f"{hf}.intermediate.LayerNorm")
-    if not cfg.post_ln:
-        encoder["bert/final_layer_norm"] = _norm(f"{base}LayerNorm")
+        encoder[f"{ours}/attention_layer_norm"] = _norm(f"{hf}.{attention_norm}")
+        encoder[f"{ours}/mlp_layer_norm"] = _norm(f"{hf}.{mlp_norm}")
     if cfg.post_ln:
         mlm = {"mlm_head/transform": _dense("cls.predictions.transform.dense"),
                "mlm_head/layer_norm": _norm("cls.predictions.transform.LayerNorm"),
                "mlm_head": {"output_bias": ["cls.predictions.bias"]}}
     else:
+        encoder["bert/final_layer_norm"] = _norm(f"{base}LayerNorm")
         mlm = {"mlm_head/transform": _dense("lm_head.dense"), "mlm_head/layer_norm": _norm("lm_head.layer_norm"),
                "mlm_head": {"output_bias": ["lm_head.bias"]}}
     heads = {"pooler": {"bert/pooler/dense": _dense(f"{base}pooler.dense")}, "MLM head": mlm}
