@@ -225,17 +225,14 @@ def _hf_shapes(template: dict, table: dict) -> dict[str, tuple]:
     for module, params in table.items():
         for param, names in params.items():
             shape = list(template[module][param].shape)
-            axis = 1 if param == "w" else 0
-            shape[axis] //= len(names)
-            for name in names:
-                shapes[name] = tuple(shape[::-1] if param == "w" else shape)
+            shape[1 if param == "w" else 0] //= len(names)
+            shapes.update(dict.fromkeys(names, tuple(shape[::-1] if param == "w" else shape)))
     return shapes
 
 
 def _from_hf(tensors: dict, table: dict) -> dict:
-    return {module: {param: np.concatenate([tensors[n].astype(np.float32).T if param == "w"
-                                            else tensors[n].astype(np.float32) for n in names],
-                                           axis=1 if param == "w" else 0)
+    return {module: {param: np.concatenate([(tensors[n].T if param == "w" else tensors[n]).astype(np.float32)
+                                            for n in names], axis=1 if param == "w" else 0)
                      for param, names in params.items()}
             for module, params in table.items()}
 
@@ -340,13 +337,12 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
         print(f"note: {hf_dir}: tensors not used: {', '.join(unused[:8])}"
               + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
 
+    tensors[position] = tensors[position][_position_offset(raw):]  # RoBERTa's rows in front: ours start at 0
     params = _from_hf(tensors, table)
     old_id = np.argsort(new_id)
     params["bert/embeddings/word"]["embeddings"] = params["bert/embeddings/word"]["embeddings"][old_id]
     if "mlm_head" in params:
         params["mlm_head"]["output_bias"] = params["mlm_head"]["output_bias"][old_id]
-    params["bert/embeddings/position"]["embeddings"] = params["bert/embeddings/position"]["embeddings"][
-        _position_offset(raw):]
     info = {"source": hf_dir, "new_id": new_id, "old_id": old_id, "heads": present,
             "missing_heads": [h for h in heads if h not in present], "unused": unused, "num_labels": num_labels}
     return cfg, params, tokenizer_bytes, info
