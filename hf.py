@@ -160,10 +160,7 @@ def convert_tokenizer(hf_dir: str, vocab_size: int) -> tuple[bytes, np.ndarray]:
         a = flags[content]
         token = AddedToken(content, single_word=a.get("single_word", False), lstrip=a.get("lstrip", False),
                            rstrip=a.get("rstrip", False), normalized=a.get("normalized", False))
-        if a.get("special", True):
-            tok.add_special_tokens([token])
-        else:
-            tok.add_tokens([token])
+        (tok.add_special_tokens if a.get("special", True) else tok.add_tokens)([token])
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.get_vocab_size() == vocab_size
     # Padding is part of these bytes because train.py --init_hf knows data made with them by their sha256.
@@ -439,9 +436,8 @@ def main() -> None:
         common.atomic_write_bytes(out, tokenizer_bytes)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    moved = {old: int(new) for old, new in enumerate(new_id) if old != new}
     print(f"wrote {out}: {len(new_id)} tokens, ids swapped (original -> ours): "
-          + (", ".join(f"{a}->{b}" for a, b in sorted(moved.items())) or "none"))
+          + (", ".join(f"{old}->{new}" for old, new in enumerate(new_id) if old != new) or "none"))
 
 
 if __name__ == "__main__":
