@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -464,6 +465,7 @@ class StopRequest:
     """The signal handler for SIGINT and SIGTERM: the loop then checkpoints and stops; a second signal stops at
     once, without a checkpoint."""
     signum: int | None = None
+    every: int = 10  # processes agree on stopping every this many steps, as agreeing waits for the step in flight
 
     def __call__(self, signum, frame) -> None:
         if self.signum is not None:
@@ -529,10 +531,10 @@ def main(argv: list[str] | None = None) -> dict:
     log = open_log(args.out_dir, is_main, at.step, num_devices)
     bar = tqdm(total=args.max_tokens, initial=min(at.tokens_seen, args.max_tokens), unit="tok", unit_scale=True,
                disable=None if is_main else True, dynamic_ncols=True)
-    pending, stop = None, StopRequest()
+    pending, stop, stopping = None, StopRequest(), False
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while at.tokens_seen < args.max_tokens and stop.signum is None:
+        while at.tokens_seen < args.max_tokens and not stopping:
             batch = batch_size_at(at.tokens_seen, start=train_flags.ramp_start(args), end=args.batch_size,
                                   ramp_tokens=args.batch_warmup_frac * args.max_tokens, multiple=run.rows_per_micro)
             length = seq_len_at(at.tokens_seen, start=args.seq_len_start or args.seq_len, end=args.seq_len,
@@ -547,10 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
             at = report(pending, at, log, run)._replace(step=at.step + 1, tokens_seen=after)  # the step before
             pending = Pending(at.step, after, batch, length, lr, metrics)
             bar.update(min(after, args.max_tokens) - min(before, args.max_tokens))
-            if jax.process_count() > 1:  # every process must stop at the same step
-                from jax.experimental import multihost_utils
-                if multihost_utils.process_allgather(np.int32(stop.signum is not None)).max() and not stop.signum:
-                    stop.signum = signal.SIGTERM
+            if jax.process_count() == 1 or at.step % stop.every == 0:  # all processes stop at the same step
+                stopping = bool(multihost_utils.process_allgather(np.int32(stop.signum is not None)).max())
             if args.eval_windows and crossed(before, after, args.eval_every):
                 at, pending = report(pending, at, log, run), None
                 evaluate(eval_step, state.params, windows, at, log, run)
@@ -558,12 +558,12 @@ def main(argv: list[str] | None = None) -> dict:
                 at, pending = report(pending, at, log, run), None  # never save a state whose step is unchecked
                 save(state, at, log, run)
         at = report(pending, at, log, run)
-        if stop.signum is not None:
+        if stopping:  # a process the signal missed stops as if it had a SIGTERM
             save(state, at, log, run)
             if is_main:
-                print(f"stopped by {signal.Signals(stop.signum).name} at step {at.step}; checkpoint "
+                print(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at step {at.step}; checkpoint "
                       f"{log.history['checkpoints'][-1]}; continue with --resume", file=sys.stderr, flush=True)
-            sys.exit(128 + stop.signum)
+            sys.exit(128 + (stop.signum or signal.SIGTERM))
         if args.eval_windows and not (log.history["eval"] and log.history["eval"][-1]["step"] == at.step):
             evaluate(eval_step, state.params, windows, at, log, run)
         save(state, at, log, run)
