@@ -489,8 +489,9 @@ def start_line(run: Run, state: TrainState, at: Progress, resumed: dict | None, 
 def open_log(out_dir: str, is_main: bool, start_step: int, num_devices: int) -> Log:
     """An empty history, and process 0's tensorboard writer in out_dir/tb."""
     writer = None
-    if is_main:
+    if is_main:  # the only process that writes: the others never create out_dir
         from tensorboardX import SummaryWriter
+        os.makedirs(out_dir, exist_ok=True)
         writer = SummaryWriter(os.path.join(out_dir, "tb"))
     history = dict(loss=[], accuracy=[], lr=[], batch_size=[], grad_norm=[], loss_scale=[], eval=[],
                    num_devices=num_devices, start_step=start_step, checkpoints=[])
@@ -525,14 +526,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_windows:
         windows = eval_windows(args, common.sha256_bytes(tokenizer_bytes), run.rows_per_micro)
         eval_step = make_eval_step(net, cfg, args.mask_rate, eval_key, mesh)
-    if is_main:
-        print(start_line(run, state, at, resumed, micro), flush=True)
-    os.makedirs(args.out_dir, exist_ok=True)
     log = open_log(args.out_dir, is_main, at.step, num_devices)
     bar = tqdm(total=args.max_tokens, initial=min(at.tokens_seen, args.max_tokens), unit="tok", unit_scale=True,
                disable=None if is_main else True, dynamic_ncols=True)
     pending, stop, stopping = None, StopRequest(), False
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    log.line(start_line(run, state, at, resumed, micro))  # from this line on, a signal makes a checkpoint
     try:
         while at.tokens_seen < args.max_tokens and not stopping:
             batch = batch_size_at(at.tokens_seen, start=train_flags.ramp_start(args), end=args.batch_size,
