@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -464,6 +465,7 @@ class StopRequest:
     """The signal handler for SIGINT and SIGTERM: the loop then checkpoints and stops; a second signal stops at
     once, without a checkpoint."""
     signum: int | None = None
+    every: int = 10  # processes agree on stopping every this many steps, as agreeing waits for the step in flight
 
     def __call__(self, signum, frame) -> None:
         if self.signum is not None:
@@ -487,8 +489,9 @@ def start_line(run: Run, state: TrainState, at: Progress, resumed: dict | None, 
 def open_log(out_dir: str, is_main: bool, start_step: int, num_devices: int) -> Log:
     """An empty history, and process 0's tensorboard writer in out_dir/tb."""
     writer = None
-    if is_main:
+    if is_main:  # the only process that writes: the others never create out_dir
         from tensorboardX import SummaryWriter
+        os.makedirs(out_dir, exist_ok=True)
         writer = SummaryWriter(os.path.join(out_dir, "tb"))
     history = dict(loss=[], accuracy=[], lr=[], batch_size=[], grad_norm=[], loss_scale=[], eval=[],
                    num_devices=num_devices, start_step=start_step, checkpoints=[])
@@ -523,16 +526,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_windows:
         windows = eval_windows(args, common.sha256_bytes(tokenizer_bytes), run.rows_per_micro)
         eval_step = make_eval_step(net, cfg, args.mask_rate, eval_key, mesh)
-    if is_main:
-        print(start_line(run, state, at, resumed, micro), flush=True)
-    os.makedirs(args.out_dir, exist_ok=True)
     log = open_log(args.out_dir, is_main, at.step, num_devices)
     bar = tqdm(total=args.max_tokens, initial=min(at.tokens_seen, args.max_tokens), unit="tok", unit_scale=True,
                disable=None if is_main else True, dynamic_ncols=True)
-    pending, stop = None, StopRequest()
+    pending, stop, stopping = None, StopRequest(), False
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    log.line(start_line(run, state, at, resumed, micro))  # from this line on, a signal makes a checkpoint
     try:
-        while at.tokens_seen < args.max_tokens and stop.signum is None:
+        while at.tokens_seen < args.max_tokens and not stopping:
             batch = batch_size_at(at.tokens_seen, start=train_flags.ramp_start(args), end=args.batch_size,
                                   ramp_tokens=args.batch_warmup_frac * args.max_tokens, multiple=run.rows_per_micro)
             length = seq_len_at(at.tokens_seen, start=args.seq_len_start or args.seq_len, end=args.seq_len,
@@ -547,10 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
             at = report(pending, at, log, run)._replace(step=at.step + 1, tokens_seen=after)  # the step before
             pending = Pending(at.step, after, batch, length, lr, metrics)
             bar.update(min(after, args.max_tokens) - min(before, args.max_tokens))
-            if jax.process_count() > 1:  # every process must stop at the same step
-                from jax.experimental import multihost_utils
-                if multihost_utils.process_allgather(np.int32(stop.signum is not None)).max() and not stop.signum:
-                    stop.signum = signal.SIGTERM
+            if jax.process_count() == 1 or at.step % stop.every == 0:  # all processes stop at the same step
+                stopping = bool(multihost_utils.process_allgather(np.int32(stop.signum is not None)).max())
             if args.eval_windows and crossed(before, after, args.eval_every):
                 at, pending = report(pending, at, log, run), None
                 evaluate(eval_step, state.params, windows, at, log, run)
@@ -558,12 +557,12 @@ def main(argv: list[str] | None = None) -> dict:
                 at, pending = report(pending, at, log, run), None  # never save a state whose step is unchecked
                 save(state, at, log, run)
         at = report(pending, at, log, run)
-        if stop.signum is not None:
+        if stopping:  # a process the signal missed stops as if it had a SIGTERM
             save(state, at, log, run)
             if is_main:
-                print(f"stopped by {signal.Signals(stop.signum).name} at step {at.step}; checkpoint "
+                print(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at step {at.step}; checkpoint "
                       f"{log.history['checkpoints'][-1]}; continue with --resume", file=sys.stderr, flush=True)
-            sys.exit(128 + stop.signum)
+            sys.exit(128 + (stop.signum or signal.SIGTERM))
         if args.eval_windows and not (log.history["eval"] and log.history["eval"][-1]["step"] == at.step):
             evaluate(eval_step, state.params, windows, at, log, run)
         save(state, at, log, run)

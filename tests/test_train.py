@@ -1,5 +1,5 @@
 """Tests for train.py on a tiny synthetic corpus: schedules, learning, gradient accumulation, resume, two devices,
-fp16 loss scaling, NaN handling, atomic checkpoints, signals and bad input.
+fp16 loss scaling, NaN handling, atomic checkpoints, signals, two processes and bad input.
 
 Compiling dominates the run time, so almost every run shares one configuration (run_flags) and a persistent compilation
 cache; the subprocesses (two devices, CLI errors) start at once in the background and are collected later.
@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -395,6 +396,72 @@ def test_sigterm_writes_a_checkpoint(run, corpus, cache_dir, tmp_path):
     params, state = checkpoint.load_checkpoint(str(out))
     assert state["step"] >= 3 and state["tokens_seen"] > 0
     assert all(np.isfinite(x).all() for m in params.values() for x in m.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Several processes (--coordinator): two on localhost with one CPU device each, joined by jax's default CPU
+# collectives (gloo over TCP), against one process with two devices.
+
+# 12 steps of 16 windows (2 devices x 2 microbatches of 4), a checkpoint every 4 steps, an evaluation at the end
+MULTI_FLAGS = ["--batch_size_start", "16", "--micro_batch_size", "4", "--max_tokens", str(12 * STEP_TOKENS),
+               "--ckpt_every", str(4 * STEP_TOKENS), "--eval_every", "0", "--log_every", "1"]
+HISTORY = ("import json, sys, train; h = train.main(sys.argv[1:]); "
+           "print(json.dumps(dict(loss=h['loss'], eval=h['eval'], num_devices=h['num_devices'])))")
+
+
+def start_two(flags: list[str], out_dirs: list, cache_dir: str, script=("-c", HISTORY)) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of one run, each with its --out_dir. Both compile afresh: only process 0 writes the
+    persistent cache and on CPU process 1's keys differ, so a cached process 0 would wait at the first collective
+    for process 1 to compile, and gloo gives up after 30 s."""
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    env = dict(subprocess_env(cache_dir), JAX_ENABLE_COMPILATION_CACHE="false")
+    return [start([*script, *flags, "--out_dir", str(out), "--coordinator", coordinator, "--num_processes", "2",
+                   "--process_id", str(i)], env) for i, out in enumerate(out_dirs)]
+
+
+def assert_same_arrays(ckpt_a: str, ckpt_b: str) -> None:
+    a, b = checkpoint.read_arrays(ckpt_a), checkpoint.read_arrays(ckpt_b)
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{ckpt_b} {key}")
+
+
+def test_two_processes_stop_together_and_resume_exactly_as_one_process_with_two_devices(corpus, cache_dir, tmp_path):
+    """Two processes, SIGTERM to process 0 at once: both stop at the step of their next agreement and process 0
+    checkpoints (process 1 writes nothing); both resume from that in one shared --out_dir. Per-step losses,
+    evaluation, parameters and optimiser state equal the uninterrupted run of one process with two devices,
+    bit for bit: the same program on the same two shards of every batch; only the all-reduce crosses processes,
+    and a sum of two operands is exact in either order."""
+    one = start(["-c", HISTORY, *run_flags(corpus, tmp_path / "one", *MULTI_FLAGS)],
+                subprocess_env(cache_dir, devices=2))
+    out, out_p1 = tmp_path / "two", tmp_path / "two_p1"
+    procs = start_two(run_flags(corpus, "", *MULTI_FLAGS), [out, out_p1], cache_dir, script=["-u", "train.py"])
+    watchdog = threading.Timer(240, lambda: [p.kill() for p in procs])  # never hang the suite
+    watchdog.start()
+    for line in procs[0].stdout:  # the start line: signals are handled now, and the first step compiles
+        if line.startswith("model "):
+            break
+    procs[0].send_signal(signal.SIGTERM)
+    (rc0, _, err0), (rc1, out1, err1) = (finish(p, timeout=240) for p in procs)
+    watchdog.cancel()
+    assert rc0 == rc1 == 128 + signal.SIGTERM, err0[-3000:] + err1[-3000:]  # process 1 stopped too
+    assert "Traceback" not in err0 + err1 and "step" not in out1  # process 1 does not log
+    assert not os.path.exists(out_p1)  # nor write
+    stopped = checkpoint.read_state(checkpoint.latest_checkpoint(str(out)))["step"]
+    assert stopped == train.StopRequest.every and f"stopped by SIGTERM at step {stopped};" in err0
+
+    outputs = [finish(p, timeout=240) for p in [one, *start_two(["--resume"], [out, out], cache_dir)]]
+    assert all(rc == 0 for rc, _, _ in outputs), "".join(err[-3000:] for _, _, err in outputs)
+    ref, p0, p1 = (json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in outputs)
+    assert ref["num_devices"] == p0["num_devices"] == p1["num_devices"] == 2 and len(ref["loss"]) == 12
+    assert p0["loss"] == p1["loss"] == ref["loss"][stopped:] and p0["eval"] == p1["eval"] == ref["eval"]
+    assert list(plot_log.read_log(str(out))[plot_log.TAGS["loss"]].values()) == ref["loss"]  # float32, exact
+    names = sorted(n for n in os.listdir(out) if n.startswith("ckpt_"))
+    assert names == ["ckpt_00000008", "ckpt_00000010", "ckpt_00000012"]
+    for name in ("ckpt_00000008", "ckpt_00000012"):  # before and after the stop
+        assert_same_arrays(str(tmp_path / "one" / name), str(out / name))
 
 
 # ------------------------------------------------------------------------------------------------------------------
