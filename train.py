@@ -473,15 +473,15 @@ class StopRequest:
         self.signum = signum
 
 
-def start_line(run: Run, state: TrainState, at: Progress, resumed: dict | None, micro: int) -> str:
+def start_line(run: Run, state: TrainState, at: Progress, resumed: dict | None) -> str:
     """The line a run starts with: the model, its size and FLOPs, precision, devices, the MFU peak, the start."""
     args = run.args
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     start_from = f"resuming from {resumed['path']}" if resumed else f"from {args.init_hf or 'scratch'}"
     decoding = " (decoding all positions)" if args.decode_all else ""
     return (f"model {args.init_hf or args.model} {run.cfg}: {n_params / 1e6:.2f}M params, "
-            f"{run.flops_at(args.seq_len) / 1e6:.1f} MFLOP/token{decoding}; "
-            f"{run.precision}; {run.mesh.size} devices x {micro} sequences per microbatch; "
+            f"{run.flops_at(args.seq_len) / 1e6:.1f} MFLOP/token{decoding}; {run.precision}; "
+            f"{run.mesh.size} devices x {run.rows_per_micro // run.mesh.size} sequences per microbatch; "
             f"peak {run.peak_flops / 1e12:.2f} TFLOP/s/device{' (measured matmul)' if not args.peak_flops else ''}; "
             f"{start_from} at step {at.step}")
 
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, resumed = train_flags.parse_args(argv, __doc__)
     setup_distributed(args)
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
-    train_flags.check_config(args, num_devices)
+    rows_per_micro = train_flags.check_config(args, num_devices)
     reader, cfg, tokenizer_bytes = load_data(args, resumed, is_main)
     precision = args.precision or (resumed["precision"] if resumed else bert.default_precision())
     policy = bert.set_precision(precision)
@@ -518,8 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
                               bert.num_masked(args.seq_len, args.mask_rate))
     train_step = make_train_step(net, tx, cfg, args.mask_rate, mesh, args.decode_all)
     train_key = replicate(np.asarray(train_key), mesh)
-    micro = args.micro_batch_size or train_flags.ramp_start(args) // num_devices
-    run = Run(args, cfg, precision, mesh, micro * num_devices, is_main, tokenizer_bytes,
+    run = Run(args, cfg, precision, mesh, rows_per_micro, is_main, tokenizer_bytes,
               partial(bert.flops_per_token, cfg, mask_rate=args.mask_rate,
                       decoded_fraction=1.0 if args.decode_all else None),
               args.peak_flops or measured_peak_flops(policy.compute_dtype))
@@ -531,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
                disable=None if is_main else True, dynamic_ncols=True)
     pending, stop, stopping = None, StopRequest(), False
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.line(start_line(run, state, at, resumed, micro))  # from this line on, a signal makes a checkpoint
+    log.line(start_line(run, state, at, resumed))  # from this line on, a signal makes a checkpoint
     try:
         while at.tokens_seen < args.max_tokens and not stopping:
             batch = batch_size_at(at.tokens_seen, start=train_flags.ramp_start(args), end=args.batch_size,
