@@ -207,10 +207,8 @@ def replicate(tree, mesh: Mesh):
 def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
     """A global host array [B, ...] (the same on every process) -> rows sharded over "data"; each process
     contributes its own contiguous block of rows."""
-    n, i = jax.process_count(), jax.process_index()
-    rows = x.shape[0] // n
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x[i * rows:(i + 1) * rows],
-                                                  x.shape)
+    local = np.split(x, jax.process_count())[jax.process_index()]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local, x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
