@@ -157,9 +157,7 @@ def make_train_step(net, tx, cfg: bert.BertConfig, mask_rate: float, mesh: Mesh,
                        loss_scale=jnp.asarray(new_state.loss_scale.loss_scale, jnp.float32))
         return new_state, metrics
 
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, static_argnames="accum_steps", donate_argnums=0,
-                   out_shardings=(replicated, replicated))
+    return jax.jit(train_step, static_argnames="accum_steps", donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
 
 
 def make_eval_step(net, cfg: bert.BertConfig, mask_rate: float, eval_key, mesh: Mesh):
@@ -209,10 +207,8 @@ def replicate(tree, mesh: Mesh):
 def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
     """A global host array [B, ...] (the same on every process) -> rows sharded over "data"; each process
     contributes its own contiguous block of rows."""
-    n, i = jax.process_count(), jax.process_index()
-    rows = x.shape[0] // n
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x[i * rows:(i + 1) * rows],
-                                                  x.shape)
+    local = np.split(x, jax.process_count())[jax.process_index()]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local, x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,10 +259,8 @@ def load_data(args, resumed: dict | None, is_main: bool) -> tuple[data.TokenRead
     if args.init_hf and overrides:
         raise UserError(f"--init_hf takes the model shape from {args.init_hf}; drop "
                         + ", ".join(f"--{k}" for k in overrides))
-    if args.init_hf:
-        cfg = dataclasses.replace(hf_cfg, dropout=args.dropout)
-    else:
-        cfg = bert.make_config(args.model, reader.vocab_size, dropout=args.dropout, **overrides)
+    cfg = (dataclasses.replace(hf_cfg, dropout=args.dropout) if args.init_hf
+           else bert.make_config(args.model, reader.vocab_size, dropout=args.dropout, **overrides))
     if args.seq_len > cfg.max_position:
         raise UserError(f"--seq_len {args.seq_len} exceeds the model's max_position {cfg.max_position}")
     if not resumed and checkpoint.latest_checkpoint(args.out_dir):
@@ -283,10 +277,10 @@ def load_data(args, resumed: dict | None, is_main: bool) -> tuple[data.TokenRead
     return reader, cfg, tokenizer_bytes
 
 
-def initial_state(net, tx, args, resumed: dict | None, precision: str, mesh: Mesh, key,
-                  num_masked: int) -> tuple[TrainState, Progress]:
+def initial_state(net, tx, args, resumed: dict | None, precision: str, mesh: Mesh, key) -> tuple[TrainState, Progress]:
     """The checkpoint's state on --resume, else fresh (with --init_hf's weights); replicated on every device."""
-    init = partial(init_state, net, tx, seq_len=args.seq_len, num_masked=num_masked, position_init=args.position_init)
+    init = partial(init_state, net, tx, seq_len=args.seq_len, num_masked=bert.num_masked(args.seq_len, args.mask_rate),
+                   position_init=args.position_init)
     if resumed:
         arrays, template = checkpoint.read_arrays(resumed["path"]), jax.eval_shape(init, key)
         state = replicate(TrainState(checkpoint.unflatten_like(template.params, arrays, "params"),
@@ -355,8 +349,7 @@ class Log:
     """Where a run reports: stdout and tensorboard (process 0), and the history main() returns. The window is the
     train steps since the last stdout line, whose mean loss and throughput that line shows."""
     history: dict
-    writer: object | None  # a tensorboardX SummaryWriter
-    is_main: bool
+    writer: object | None  # process 0's tensorboardX SummaryWriter; None on the others, which print nothing
     window_losses: list = dataclasses.field(default_factory=list)
     window_accs: list = dataclasses.field(default_factory=list)
     window_start: float | None = None  # None until the first step has finished (compilation is not timed)
@@ -368,7 +361,7 @@ class Log:
             self.writer.add_scalar(TAGS[name], value, tokens)
 
     def line(self, text: str) -> None:
-        if self.is_main:
+        if self.writer:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
 
@@ -430,13 +423,11 @@ def evaluate(eval_step, params, windows: np.ndarray, at: Progress, log: Log, run
     for i in range(0, len(windows), run.rows_per_micro):
         chunk = (shard_rows(x[i:i + run.rows_per_micro], run.mesh) for x in (windows, rows))
         sums += [float(v) for v in eval_step(params, *chunk)]
-    loss_sum, correct, total = sums
-    result = dict(loss=loss_sum / total, accuracy=correct / total)
-    log.history["eval"].append(dict(step=at.step, tokens=at.tokens_seen, **result))
-    log.scalar("eval_loss", result["loss"], at.tokens_seen)
-    log.scalar("eval_accuracy", result["accuracy"], at.tokens_seen)
-    log.line(f"eval step {at.step} | tokens {at.tokens_seen / 1e6:.2f}M | loss {result['loss']:.4f} | "
-             f"acc {result['accuracy']:.3f}")
+    loss, acc = sums[:2] / sums[2]  # weighted means over the masked positions
+    log.history["eval"].append(dict(step=at.step, tokens=at.tokens_seen, loss=loss, accuracy=acc))
+    log.scalar("eval_loss", loss, at.tokens_seen)
+    log.scalar("eval_accuracy", acc, at.tokens_seen)
+    log.line(f"eval step {at.step} | tokens {at.tokens_seen / 1e6:.2f}M | loss {loss:.4f} | acc {acc:.3f}")
     log.pause(started)
 
 
@@ -452,9 +443,8 @@ def save(state: TrainState, at: Progress, log: Log, run: Run) -> None:
                                 cfg=run.cfg, precision=run.precision, loss_scale=scale, seed=run.args.seed,
                                 tokenizer_sha256=common.sha256_bytes(run.tokenizer_bytes), args=vars(run.args),
                                 num_devices=run.mesh.size)
-    path = None
-    if run.is_main:
-        path = checkpoint.save_checkpoint(run.args.out_dir, info, arrays, run.tokenizer_bytes, run.args.keep_ckpts)
+    path = (checkpoint.save_checkpoint(run.args.out_dir, info, arrays, run.tokenizer_bytes, run.args.keep_ckpts)
+            if run.is_main else None)
     log.history["checkpoints"].append(path)
     log.saved_step = at.step
     log.pause(started)
@@ -473,15 +463,15 @@ class StopRequest:
         self.signum = signum
 
 
-def start_line(run: Run, state: TrainState, at: Progress, resumed: dict | None, micro: int) -> str:
+def start_line(run: Run, state: TrainState, at: Progress, resumed: dict | None) -> str:
     """The line a run starts with: the model, its size and FLOPs, precision, devices, the MFU peak, the start."""
     args = run.args
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     start_from = f"resuming from {resumed['path']}" if resumed else f"from {args.init_hf or 'scratch'}"
     decoding = " (decoding all positions)" if args.decode_all else ""
     return (f"model {args.init_hf or args.model} {run.cfg}: {n_params / 1e6:.2f}M params, "
-            f"{run.flops_at(args.seq_len) / 1e6:.1f} MFLOP/token{decoding}; "
-            f"{run.precision}; {run.mesh.size} devices x {micro} sequences per microbatch; "
+            f"{run.flops_at(args.seq_len) / 1e6:.1f} MFLOP/token{decoding}; {run.precision}; "
+            f"{run.mesh.size} devices x {run.rows_per_micro // run.mesh.size} sequences per microbatch; "
             f"peak {run.peak_flops / 1e12:.2f} TFLOP/s/device{' (measured matmul)' if not args.peak_flops else ''}; "
             f"{start_from} at step {at.step}")
 
@@ -495,7 +485,7 @@ def open_log(out_dir: str, is_main: bool, start_step: int, num_devices: int) -> 
         writer = SummaryWriter(os.path.join(out_dir, "tb"))
     history = dict(loss=[], accuracy=[], lr=[], batch_size=[], grad_norm=[], loss_scale=[], eval=[],
                    num_devices=num_devices, start_step=start_step, checkpoints=[])
-    return Log(history, writer, is_main)
+    return Log(history, writer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, resumed = train_flags.parse_args(argv, __doc__)
     setup_distributed(args)
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
-    train_flags.check_config(args, num_devices)
+    rows_per_micro = train_flags.check_config(args, num_devices)
     reader, cfg, tokenizer_bytes = load_data(args, resumed, is_main)
     precision = args.precision or (resumed["precision"] if resumed else bert.default_precision())
     policy = bert.set_precision(precision)
@@ -514,12 +504,10 @@ def main(argv: list[str] | None = None) -> dict:
     tx = bert.make_optimizer(weight_decay=args.weight_decay, b1=args.b1, b2=args.b2, eps=args.eps,
                              clip_norm=args.grad_clip)
     init_key, train_key, eval_key = (jax.random.fold_in(jax.random.PRNGKey(args.seed), i) for i in range(3))
-    state, at = initial_state(net, tx, args, resumed, precision, mesh, init_key,
-                              bert.num_masked(args.seq_len, args.mask_rate))
+    state, at = initial_state(net, tx, args, resumed, precision, mesh, init_key)
     train_step = make_train_step(net, tx, cfg, args.mask_rate, mesh, args.decode_all)
     train_key = replicate(np.asarray(train_key), mesh)
-    micro = args.micro_batch_size or train_flags.ramp_start(args) // num_devices
-    run = Run(args, cfg, precision, mesh, micro * num_devices, is_main, tokenizer_bytes,
+    run = Run(args, cfg, precision, mesh, rows_per_micro, is_main, tokenizer_bytes,
               partial(bert.flops_per_token, cfg, mask_rate=args.mask_rate,
                       decoded_fraction=1.0 if args.decode_all else None),
               args.peak_flops or measured_peak_flops(policy.compute_dtype))
@@ -531,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
                disable=None if is_main else True, dynamic_ncols=True)
     pending, stop, stopping = None, StopRequest(), False
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.line(start_line(run, state, at, resumed, micro))  # from this line on, a signal makes a checkpoint
+    log.line(start_line(run, state, at, resumed))  # from this line on, a signal makes a checkpoint
     try:
         while at.tokens_seen < args.max_tokens and not stopping:
             batch = batch_size_at(at.tokens_seen, start=train_flags.ramp_start(args), end=args.batch_size,

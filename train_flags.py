@@ -164,12 +164,12 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[argparse.Names
     return args, saved
 
 
-def check_config(args, num_devices: int) -> None:
-    """Impossible or meaningless flag combinations, found before any work is done."""
+def check_config(args, num_devices: int) -> int:
+    """Impossible or meaningless flag combinations, found before any work is done; -> global rows per microbatch."""
     for name in ("seq_len", "batch_size", "log_every", "keep_ckpts"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_frac", "final_lr_frac", "batch_warmup_frac"):
+    for name in ("warmup_frac", "final_lr_frac", "batch_warmup_frac", "seq_warmup_frac"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.lr <= 0 or args.eval_windows < 0 or args.grad_clip < 0 or args.weight_decay < 0:
@@ -189,13 +189,11 @@ def check_config(args, num_devices: int) -> None:
         if micro < 1 or size % (micro * num_devices):
             raise UserError(f"{flag} {size} is not a multiple of --micro_batch_size {micro} x {num_devices} devices")
     short = args.seq_len_start or args.seq_len
-    ratio = args.seq_len // short if short > 0 else 0
-    if short < 1 or args.seq_len % short or ratio & (ratio - 1):
+    if short < 1 or args.seq_len % short or (args.seq_len // short).bit_count() != 1:
         raise UserError(f"--seq_len {args.seq_len} must be --seq_len_start {args.seq_len_start} times a power of 2")
-    if not 0.0 <= args.seq_warmup_frac <= 1.0:
-        raise UserError(f"--seq_warmup_frac must be in [0, 1], got {args.seq_warmup_frac}")
     if args.max_tokens < start * args.seq_len:
         raise UserError(f"--max_tokens {args.max_tokens} is less than one batch ({start} x {args.seq_len} tokens)")
+    return micro * num_devices
 
 
 def ramp_start(args: argparse.Namespace) -> int:
