@@ -297,13 +297,13 @@ class TokenReader:
     """Random contiguous windows of one split, deterministic in (seed, step): a resumed run sees the same batches."""
 
     def __init__(self, data_dir: str, split: str, seq_len: int, seed: int, tokenizer_sha256: str | None = None,
-                 vocab_size: int | None = None, cls_first: bool = False):
+                 vocab_size: int | None = None):
         self.meta = load_meta(data_dir, tokenizer_sha256, vocab_size)
         if split not in self.meta["splits"]:
             raise UserError(f"no split {split!r} in {data_dir}; there are {', '.join(self.meta['splits'])}")
         if seq_len < 1 or seed < 0:
             raise UserError(f"need seq_len >= 1 and seed >= 0, got seq_len={seq_len}, seed={seed}")
-        self.split, self.seq_len, self.seed, self.cls_first = split, seq_len, seed, cls_first
+        self.split, self.seq_len, self.seed = split, seq_len, seed
         self.num_tokens = int(self.meta["splits"][split]["tokens"])
         self.vocab_size = int(self.meta["vocab_size"])
         if self.num_tokens < seq_len + 1:
@@ -314,16 +314,13 @@ class TokenReader:
 
     def batch(self, step: int, batch_size: int, seq_len: int | None = None) -> np.ndarray:
         """[batch_size, T] int32 windows (T = seq_len, default the reader's) starting at offsets drawn from
-        default_rng([seed, step]); with cls_first, [CLS] and then T - 1 tokens of the stream."""
-        T = (seq_len or self.seq_len) - self.cls_first  # tokens from the stream
+        default_rng([seed, step])."""
+        T = seq_len or self.seq_len
         if not 1 <= T <= self.num_tokens - 1:
             raise UserError(f"windows of {T} tokens do not fit split {self.split} ({self.num_tokens} tokens)")
         rng = np.random.default_rng([self.seed, step])
         offsets = rng.integers(0, self.num_tokens - T + 1, size=batch_size)  # [B]
-        windows = self.tokens[offsets[:, None] + np.arange(T)].astype(np.int32)  # [B, T]
-        if self.cls_first:
-            windows = np.concatenate([np.full((batch_size, 1), common.CLS_ID, np.int32), windows], axis=1)
-        return windows
+        return self.tokens[offsets[:, None] + np.arange(T)].astype(np.int32)  # [B, T]
 
 
 def main() -> None:

@@ -253,8 +253,7 @@ def load_data(args, resumed: dict | None, is_main: bool) -> tuple[data.TokenRead
     if resumed and resumed["tokenizer_sha256"] != tokenizer_sha:
         raise UserError(f"{args.init_hf or args.tokenizer} is not the tokenizer of checkpoint {resumed['path']} "
                         f"(sha256 {tokenizer_sha} vs {resumed['tokenizer_sha256']})")
-    reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha, vocab_size,
-                              cls_first=args.cls_first)
+    reader = data.TokenReader(args.data_dir, "train", args.seq_len, args.seed, tokenizer_sha, vocab_size)
     overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size",
                                                "post_ln") if getattr(args, k) is not None}
     if args.init_hf and overrides:
@@ -303,8 +302,7 @@ def initial_state(net, tx, args, resumed: dict | None, precision: str, mesh: Mes
 
 def eval_windows(args, tokenizer_sha256: str, rows_per_micro: int) -> np.ndarray:
     """The --eval_windows fixed windows of val.bin [N', T], padded with [PAD] rows to whole microbatches."""
-    val = data.TokenReader(args.data_dir, "val", args.seq_len, args.seed, tokenizer_sha256,
-                           cls_first=args.cls_first)
+    val = data.TokenReader(args.data_dir, "val", args.seq_len, args.seed, tokenizer_sha256)
     windows = np.zeros((-(-args.eval_windows // rows_per_micro) * rows_per_micro, args.seq_len), np.int32)
     windows[:args.eval_windows] = val.batch(0, args.eval_windows)
     return windows

@@ -16,10 +16,9 @@ OPERATIONAL_FLAGS = {"data_dir", "tokenizer", "out_dir", "resume", "log_every", 
 # Flags that decide the numbers: a resumed run that changes one says so. Every flag is in one of the two sets
 # (tests/test_train_flags.py checks).
 NUMERIC_FLAGS = {"seed", "model", "num_layers", "hidden_size", "num_heads", "intermediate_size", "post_ln", "init_hf",
-                 "position_init", "cls_first", "dropout", "seq_len", "seq_len_start", "seq_warmup_frac", "mask_rate",
-                 "precision", "loss_scale_init", "lr", "warmup_frac", "final_lr_frac", "anneal", "weight_decay", "b1",
-                 "b2", "eps", "grad_clip", "max_tokens", "batch_size", "batch_size_start", "batch_warmup_frac",
-                 "eval_windows"}
+                 "position_init", "dropout", "seq_len", "seq_len_start", "seq_warmup_frac", "mask_rate", "precision",
+                 "loss_scale_init", "lr", "warmup_frac", "final_lr_frac", "anneal", "weight_decay", "b1", "b2", "eps",
+                 "grad_clip", "max_tokens", "batch_size", "batch_size_start", "batch_warmup_frac", "eval_windows"}
 PER_PROCESS_FLAGS = {"out_dir", "resume", "coordinator", "num_processes", "process_id"}
 
 
@@ -69,10 +68,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="initial position embeddings: BERT's truncated normal (std 0.02), or a sine/cosine table "
                         "with the same std, which makes attention by relative offset easy to learn from the "
                         "start; the embeddings are learned either way (default: normal)")
-    g.add_argument("--cls_first", action=argparse.BooleanOptionalAction, default=False,
-                   help="start every training and eval window with [CLS], then seq_len - 1 tokens of the stream, "
-                        "as finetuning's inputs start; a fixed first token to attend to also speeds up early "
-                        "learning (README: 'A [CLS] at the start of every window') (default: off)")
     g.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default: 0.0)")
     g.add_argument("--seq_len", type=int, default=128, help="tokens per training window (default: 128)")
     g.add_argument("--seq_len_start", type=int,

@@ -9,7 +9,7 @@ import pytest
 
 import common
 import data
-from common import CLS_ID, SEP_ID, UserError
+from common import SEP_ID, UserError
 from tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,16 +122,6 @@ def test_reader_batches_are_windows_and_deterministic(prepared):
     assert not np.array_equal(a, reader.batch(step=6, batch_size=8))
     assert not np.array_equal(a, data.TokenReader(prepared, "train", seq_len=16, seed=4).batch(5, 8))
     assert reader.num_tokens == len(stream) and reader.vocab_size == reader.meta["vocab_size"]
-
-
-def test_reader_cls_first_puts_cls_before_a_shorter_window(prepared):
-    reader = data.TokenReader(prepared, "train", seq_len=16, seed=3, cls_first=True)
-    stream = np.fromfile(os.path.join(prepared, "train.bin"), dtype=reader.meta["dtype"]).astype(np.int32)
-    for length in (16, 8):  # the reader's length, and a shorter one (sequence-length warmup)
-        a = reader.batch(step=5, batch_size=8, seq_len=length)
-        assert a.shape == (8, length) and a.dtype == np.int32 and (a[:, 0] == CLS_ID).all()
-        for row in a[:, 1:]:
-            assert (np.lib.stride_tricks.sliding_window_view(stream, length - 1) == row).all(axis=1).any()
 
 
 def test_reader_checks_tokenizer_and_length(prepared, tiny_tokenizer_path):

@@ -285,17 +285,6 @@ def test_resume_skips_a_damaged_checkpoint(run, tmp_path, capsys, fault):
         np.testing.assert_array_equal(got[key], value)
 
 
-def test_cls_first_starts_every_training_and_eval_window_with_cls(corpus, cache_dir, tmp_path, monkeypatch):
-    seen = []
-    batch = data.TokenReader.batch
-    monkeypatch.setattr(data.TokenReader, "batch", lambda self, *a, **k: seen.append(batch(self, *a, **k)) or seen[-1])
-    out = tmp_path / "out"
-    with redirect_stdout(io.StringIO()):
-        h = train.main(run_flags(corpus, out, "--cls_first", "--max_tokens", "4096", "--eval_windows", "16"))
-    assert len(seen) == 1 + len(h["loss"]) and all((w[:, 0] == common.CLS_ID).all() for w in seen)
-    assert checkpoint.read_state(checkpoint.latest_checkpoint(str(out)))["args"]["cls_first"] is True
-
-
 def test_two_devices_match_one_device(run, background):
     rc, out, err = finish(background["two_devices"])
     assert rc == 0, err[-3000:]
