@@ -202,8 +202,8 @@ def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], to
         write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
         common.atomic_write_json(os.path.join(tmp, "state.json"), state)
-        common.atomic_write_json(os.path.join(tmp, MANIFEST), {"files": {
-            name: file_record(os.path.join(tmp, name)) for name in ("arrays.npz", "tokenizer.json", "state.json")}})
+        common.atomic_write_json(os.path.join(tmp, MANIFEST), {"files": {  # every file written above
+            name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}})
     complete = sorted(name for name in os.listdir(out_dir) if CKPT_RE.match(name))
     for name in complete[:-keep]:  # renamed first, so that a half-deleted folder never looks complete
         os.rename(os.path.join(out_dir, name), os.path.join(out_dir, f"{TMP_PREFIX}old.{name}"))

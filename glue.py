@@ -393,7 +393,8 @@ def write_submissions(task: Task, outputs: dict[str, np.ndarray], index: dict[st
     outputs [N, num_labels] and the test file's row ids. folder is made only if there is a file to write.
     -> the paths written."""
     paths = [os.path.join(folder, file) for file in outputs]
-    for path, (file, out) in zip(paths, outputs.items()):
+    if paths:
         os.makedirs(folder, exist_ok=True)
+    for path, (file, out) in zip(paths, outputs.items()):
         write_predictions(path, task, index[file], out)
     return paths

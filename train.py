@@ -545,12 +545,13 @@ def main(argv: list[str] | None = None) -> dict:
                 at, pending = report(pending, at, log, run), None  # never save a state whose step is unchecked
                 save(state, at, log, run)
         at = report(pending, at, log, run)
-        if stopping:  # a process the signal missed stops as if it had a SIGTERM
+        if stopping:
+            signum = stop.signum or signal.SIGTERM  # a process the signal missed stops as if it had a SIGTERM
             save(state, at, log, run)
             if is_main:
-                print(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at step {at.step}; checkpoint "
+                print(f"stopped by {signal.Signals(signum).name} at step {at.step}; checkpoint "
                       f"{log.history['checkpoints'][-1]}; continue with --resume", file=sys.stderr, flush=True)
-            sys.exit(128 + (stop.signum or signal.SIGTERM))
+            sys.exit(128 + signum)
         if args.eval_windows and not (log.history["eval"] and log.history["eval"][-1]["step"] == at.step):
             evaluate(eval_step, state.params, windows, at, log, run)
         save(state, at, log, run)
