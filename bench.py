@@ -136,18 +136,18 @@ def interleaved(runners: dict[str, Callable[[int], float]], steps: int, rounds: 
     return {name: np.array(t) for name, t in times.items()}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> common.ArgumentParser:
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--model", default="mini", choices=list(model.PRESETS), help="model size preset")
     parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS), help="compute dtype")
-    parser.add_argument("--batch_size", type=int, default=32, help="sequences per step")
-    parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--vocab_size", type=int, default=30522, help="vocabulary size (both sides)")
-    parser.add_argument("--mask_rate", type=float, default=0.15, help="fraction of positions to predict")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timing round")
-    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (the median is reported)")
-    parser.add_argument("--peak_size", type=int, default=2048, help="matrix size of the peak matmul")
-    parser.add_argument("--peak_tflops", type=float, default=None,
+    parser.add_argument("--batch_size", type=common.positive_int, default=32, help="sequences per step")
+    parser.add_argument("--seq_len", type=common.positive_int, default=128, help="tokens per sequence")
+    parser.add_argument("--vocab_size", type=common.int_in(6), default=30522, help="vocabulary size (both sides)")
+    parser.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15, help="fraction of positions to predict")
+    parser.add_argument("--steps", type=common.positive_int, default=3, help="steps per timing round")
+    parser.add_argument("--rounds", type=common.positive_int, default=3, help="timing rounds (the median is reported)")
+    parser.add_argument("--peak_size", type=common.positive_int, default=2048, help="matrix size of the peak matmul")
+    parser.add_argument("--peak_tflops", type=common.positive_float, default=None,
                         help="also report MFU against this datasheet peak (TFLOP/s), e.g. for a GPU")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
                         help="compare with transformers BertForMaskedLM (default: on when JAX runs on CPU)")
@@ -229,9 +229,6 @@ def sweep(args, cfg, peak_runner, peak_flop: float) -> None:
 
 def main():
     args = build_parser().parse_args()
-    for name in ("batch_size", "seq_len", "steps", "rounds", "peak_size"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} must be positive")
     try:
         hf_dropouts = [float(d) for d in args.hf_dropout.split(",") if d.strip()]
     except ValueError:

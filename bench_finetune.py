@@ -19,7 +19,6 @@ last epoch.
 
 Extras needed only here: pip install torch transformers
 """
-import argparse
 import dataclasses
 import functools
 import os
@@ -95,27 +94,27 @@ def hf_trainer(net, enc: ft.Encoded, labels: np.ndarray, batches: list, *, lr: f
         yield float(out.loss.detach()), int(enc.lengths[idx].sum()), ids.numel()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(__doc__)
     p.add_argument("--tokenizer",
                    help="tokenizer.json for a random-init model (e.g. python tokenizer.py --vocab_size 30522)")
     p.add_argument("--init_hf", metavar="DIR", help="start both sides from this Hugging Face BERT folder")
-    p.add_argument("--epochs", type=int, default=1, help="epochs (default: 1)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--epochs", type=common.positive_int, default=1, help="epochs (default: 1)")
+    p.add_argument("--seed", type=common.seed, default=0,
                    help="seeds the new head (the same on both sides), batch order and dropout (default: 0)")
     p.add_argument("--dev", action="store_true", help="score both sides on the SST-2 dev set at the end")
     p.add_argument("--same_batches", action="store_true",
                    help="transformers trains on finetune.py's length-bucketed batches in the same order (default: "
                         "a random order with dynamic padding, the usual way); isolates the implementations")
     p.add_argument("--glue_dir", required=True, help="GLUE folder holding SST-2/train.tsv")
-    p.add_argument("--max_examples", type=int, default=0, help="use the first N training rows (default: 0 = all)")
+    p.add_argument("--max_examples", type=common.non_negative_int, default=0, help="use the first N training rows (default: 0 = all)")
     p.add_argument("--model", default="mini", choices=list(bert.PRESETS), help="model preset (default: mini)")
-    p.add_argument("--batch_size", type=int, default=32, help="batch size (default: 32)")
-    p.add_argument("--max_len", type=int, default=128, help="max tokens per example (default: 128)")
-    p.add_argument("--pad_multiple", type=int, default=8, help="finetune.py's --pad_multiple (default: 8)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout on both sides (default: 0.1)")
-    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
-    p.add_argument("--segment", type=int, default=100, help="steps per alternating segment (default: 100)")
+    p.add_argument("--batch_size", type=common.positive_int, default=32, help="batch size (default: 32)")
+    p.add_argument("--max_len", type=common.int_in(8), default=128, help="max tokens per example (default: 128)")
+    p.add_argument("--pad_multiple", type=common.positive_int, default=8, help="finetune.py's --pad_multiple (default: 8)")
+    p.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), default=0.1, help="dropout on both sides (default: 0.1)")
+    p.add_argument("--lr", type=common.positive_float, default=3e-5, help="peak learning rate (default: 3e-5)")
+    p.add_argument("--segment", type=common.positive_int, default=100, help="steps per alternating segment (default: 100)")
     p.add_argument("--skip_hf", action="store_true", help="time finetune.py only")
     return p
 

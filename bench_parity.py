@@ -45,40 +45,40 @@ GOALS = dict(first10=1e-4, all=1e-2, grad_norm=1e-4)  # relative: loss over step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     p.add_argument("--model", default="tiny", choices=list(bert.PRESETS), help="size preset (default: tiny)")
     p.add_argument("--post_ln", action="store_true",
                    help="BERT's post-LN layout, compared with BertForMaskedLM (default: pre-LN, compared with "
                         "RobertaPreLayerNormForMaskedLM)")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per step (default: 8)")
-    p.add_argument("--seq_len", type=int, default=128, help="tokens per window (default: 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--warmup_steps", type=int, default=20,
+    p.add_argument("--steps", type=common.positive_int, default=200, help="training steps (default: 200)")
+    p.add_argument("--batch_size", type=common.positive_int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq_len", type=common.positive_int, default=128, help="tokens per window (default: 128)")
+    p.add_argument("--lr", type=common.positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--warmup_steps", type=common.non_negative_int, default=20,
                    help="linear warmup from 0 to --lr over this many steps, then linear decay to 0 at --steps "
                         "(train.lr_at with steps for tokens) (default: 20)")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="decoupled weight decay (default: 0.01)")
-    p.add_argument("--b1", type=float, default=0.9, help="Adam beta1 (default: 0.9)")
-    p.add_argument("--b2", type=float, default=0.98, help="Adam beta2 (default: 0.98)")
-    p.add_argument("--eps", type=float, default=1e-6, help="Adam epsilon (default: 1e-6)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="global-norm clipping; 0 = none (default: 1.0)")
-    p.add_argument("--mask_rate", type=float, default=0.15, help="fraction of positions masked (default: 0.15)")
-    p.add_argument("--seed", type=int, default=0, help="seeds init, window offsets and masks (default: 0)")
+    p.add_argument("--weight_decay", type=common.non_negative_float, default=0.01, help="decoupled weight decay (default: 0.01)")
+    p.add_argument("--b1", type=common.float_in(0, 1, open_high=True), default=0.9, help="Adam beta1 (default: 0.9)")
+    p.add_argument("--b2", type=common.float_in(0, 1, open_high=True), default=0.98, help="Adam beta2 (default: 0.98)")
+    p.add_argument("--eps", type=common.positive_float, default=1e-6, help="Adam epsilon (default: 1e-6)")
+    p.add_argument("--grad_clip", type=common.non_negative_float, default=1.0, help="global-norm clipping; 0 = none (default: 1.0)")
+    p.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15, help="fraction of positions masked (default: 0.15)")
+    p.add_argument("--seed", type=common.seed, default=0, help="seeds init, window offsets and masks (default: 0)")
     p.add_argument("--text_files", nargs="+", default=["../shared/data/wikipedia/AA/*"], metavar="GLOB",
                    help="corpus files, any format data.py reads (default: '../shared/data/wikipedia/AA/*')")
-    p.add_argument("--num_docs", type=int, default=2000,
+    p.add_argument("--num_docs", type=common.non_negative_int, default=2000,
                    help="use the first this many documents, for the tokenizer and the windows; 0 = all "
                         "(default: 2000)")
     p.add_argument("--tokenizer", help="a tokenizer.json made by tokenizer.py (default: train one on the text)")
-    p.add_argument("--vocab_size", type=int, default=2048,
+    p.add_argument("--vocab_size", type=common.int_in(6), default=2048,
                    help="vocabulary of the tokenizer trained when --tokenizer is not given (default: 2048)")
     p.add_argument("--f64_reference", action="store_true",
                    help="also train the torch copy in float64 and report how far each float32 run drifts from it "
                         "(tells float32 summation-order chaos from a real difference)")
     p.add_argument("--out", help="write the curves and the verdict to this JSON file")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.seq_len < 1 or not 0 <= args.warmup_steps <= args.steps:
-        raise UserError("need --steps, --batch_size, --seq_len >= 1 and 0 <= --warmup_steps <= --steps")
+    if args.warmup_steps > args.steps:
+        raise UserError(f"--warmup_steps {args.warmup_steps} must not exceed --steps {args.steps}")
     return args
 
 

@@ -1,7 +1,10 @@
-"""Helpers that more than one script needs: user errors, atomic writes, the tokenizer contract."""
+"""Helpers that more than one script needs: user errors, flag domains, atomic writes, the tokenizer contract."""
+import argparse
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -28,6 +31,98 @@ def run_main(main: Callable[[], None]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: every script's parser and the domains of its values, in one place
+
+# jax.random.PRNGKey keeps a seed's low 32 bits (without jax_enable_x64), so a larger seed would repeat a smaller
+# one's numbers, and one of 2**63 or more does not convert at all.
+MAX_SEED = 2**32 - 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every script's parser. A bad flag (argparse's own type, choice and usage errors, and the domains of the
+    types below) is one line `error: ...` on stderr and exit code 2, like a UserError under run_main; --help still
+    prints the whole usage."""
+
+    def __init__(self, description: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {flag_message(message)}", file=sys.stderr)
+        sys.exit(2)
+
+
+_ARGPARSE_TYPES = {"int": "an integer", "float": "a number", "parse_count": "a count"}
+
+
+def flag_message(message: str) -> str:
+    """argparse's "argument --x: ..." as "--x ..." on one line; its own "invalid int value: 'v'" says what is
+    allowed."""
+    found = re.fullmatch(r"argument ([^:]+): (.*)", message, re.S)
+    if not found:
+        return " ".join(message.split())
+    flag, text = found.groups()
+    invalid = re.fullmatch(r"invalid (\w+) value: (.*)", text, re.S)
+    if invalid and invalid[1] in _ARGPARSE_TYPES:
+        text = f"must be {_ARGPARSE_TYPES[invalid[1]]}, got {invalid[2]}"
+    elif text == "expected one argument" and flag.startswith("--"):  # argparse takes "-1e-3" for a flag
+        text += f" (a value starting with '-' is written {flag}=VALUE, e.g. {flag}=-1e-3)"
+    return " ".join(f"{flag}{'' if text.startswith('must') else ':'} {text}".split())
+
+
+def _range(low, high, open_low: bool = False, open_high: bool = False) -> str:
+    """' in [0, 1)', ' >= 1', ' > 0' or '' (unbounded)."""
+    if low is not None and high is not None:
+        return f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    if low is not None:
+        return f" {'>' if open_low else '>='} {low}"
+    if high is not None:
+        return f" {'<' if open_high else '<='} {high}"
+    return ""
+
+
+def int_in(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (None: no bound on that side)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer{_range(low, high)}, got {text!r}")
+        return value
+    return parse
+
+
+def float_in(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+             open_high: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number between low and high (None: no bound), each end closed unless open_*."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (math.isfinite(value) and (low is None or (value > low if open_low else value >= low))
+                  and (high is None or (value < high if open_high else value <= high)))
+        if not inside:
+            what = _range(low, high, open_low, open_high) or " (finite)"
+            raise argparse.ArgumentTypeError(f"must be a number{what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = int_in(1)
+non_negative_int = int_in(0)
+seed = int_in(0, MAX_SEED)
+finite_float = float_in()
+positive_float = float_in(0, open_low=True)
+non_negative_float = float_in(0)
+fraction = float_in(0, 1)  # [0, 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -11,13 +11,14 @@ import socket
 import urllib.parse
 from typing import Iterator
 
+import common
 from common import UserError, first_line
 
 
 DEFAULT_HUB_DOCS = 10000  # the quick start's slice of Wikipedia (local files are read whole by default)
 DEFAULT_HF_DATASET, DEFAULT_HF_CONFIG, DEFAULT_HF_SPLIT = "wikimedia/wikipedia", "20231101.en", "train"
 FORMATS = ("auto", "text", "jsonl", "wikiextractor")
-MAX_LINE_BYTES = 64 << 20  # a longer line is an error: a file without newlines (/dev/zero) would fill memory
+MAX_LINE_BYTES = 64 << 20  # a longer line is an error: a file without newlines would fill memory
 
 
 def add_source_args(parser) -> None:
@@ -27,12 +28,13 @@ def add_source_args(parser) -> None:
                    help="local corpus files (globs, ** allowed). Plain text: each non-empty line is a document. "
                         "JSON lines: one object per line, its 'text' field is a document. WikiExtractor output: "
                         "each <doc> block is a document (title line dropped, title-only docs skipped). A line "
-                        f"longer than {MAX_LINE_BYTES >> 20} MiB is an error. "
+                        f"longer than {MAX_LINE_BYTES >> 20} MiB is an error. Regular files only: not pipes, "
+                        "sockets or devices. "
                         "Without this flag the corpus streams from the Hub (see --hf_dataset).")
     g.add_argument("--format", default="auto", choices=FORMATS,
                    help="format of --text_files; auto sniffs each file's first line "
                         "('<doc ' = wikiextractor, '{' = jsonl, else text) (default: auto)")
-    g.add_argument("--num_docs", type=int,
+    g.add_argument("--num_docs", type=common.non_negative_int,
                    help=f"use at most this many documents; 0 = all (default: all of --text_files, the first "
                         f"{DEFAULT_HUB_DOCS} from the Hub)")
     g.add_argument("--hf_dataset", default=DEFAULT_HF_DATASET,
@@ -101,6 +103,8 @@ def resolve_text_files(patterns) -> list[str]:
     for path in paths:
         if os.path.isdir(path):
             raise UserError(f"{path} is a directory, not a text file (use a glob such as {path}/*)")
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block open(), a device never end
+            raise UserError(f"{path} is not a regular file (a pipe, socket or device); save the text to a file")
         try:
             open(path, "rb").close()
         except OSError as e:

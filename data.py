@@ -6,15 +6,14 @@ The output folder holds train.bin and val.bin (every document's tokens followed 
 another, as uint16, or uint32 when the vocabulary has more than 65536 tokens) and meta.json. meta.json is written
 last: a folder without it is incomplete, and load_meta / TokenReader refuse it.
 """
-import argparse
 import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from typing import Iterable, Iterator
@@ -27,6 +26,7 @@ import corpus
 from common import SEP_ID, SPECIAL_TOKENS, UserError
 
 FORMAT = 1
+VAL_TOKENS_NEEDED = 128 + 1  # windows of train.py's default --seq_len 128, plus the shifted token
 SPLITS = ("train", "val")
 META = "meta.json"
 
@@ -324,25 +324,23 @@ class TokenReader:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     p.add_argument("--tokenizer", default="tokenizer.json",
                    help="tokenizer made by tokenizer.py (default: tokenizer.json)")
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--overwrite", action="store_true", help="replace complete data already in --out")
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val_fraction", type=float, default=0.01,
+    val.add_argument("--val_fraction", type=common.float_in(0, 1, open_high=True), default=0.01,
                      help="put about this fraction of documents in val: document number i (0, 1, ... in reading "
                           "order) goes to val when a hash of i falls below the fraction; the same on every run "
                           "(default: 0.01)")
-    val.add_argument("--val_docs", type=int, help="instead, put exactly the first N documents in val")
-    p.add_argument("--batch_mb", type=float, default=1.0,
+    val.add_argument("--val_docs", type=common.non_negative_int, help="instead, put exactly the first N documents in val")
+    p.add_argument("--batch_mb", type=common.positive_float, default=1.0,
                    help="MB of text encoded per batch: larger keeps cores busier, smaller uses less memory "
                         "(default: 1)")
     corpus.add_source_args(p)
     args = p.parse_args()
 
-    if not 0 < args.batch_mb < math.inf:
-        raise UserError(f"--batch_mb must be a positive number, got {args.batch_mb}")
     stats: dict = {}
     documents = corpus.documents_from_args(args, stats)
     meta = prepare(documents, args.tokenizer, args.out, val_fraction=args.val_fraction, val_docs=args.val_docs,
@@ -355,6 +353,11 @@ def main() -> None:
           f"{st['text_bytes'] / 1e6:.1f} MB in {st['seconds']:.1f} s = "
           f"{st['text_bytes'] / 1e6 / st['seconds']:.2f} MB/s, "
           f"{tokens / st['seconds'] / 1e3:.0f}k tokens/s; {st['replaced_bytes']} undecodable bytes replaced")
+    if sp["val"]["tokens"] < VAL_TOKENS_NEEDED:
+        print(f"warning: val has {sp['val']['docs']} documents, {sp['val']['tokens']} tokens: fewer than the "
+              f"{VAL_TOKENS_NEEDED} that train.py's evaluation needs at its default --seq_len (train.py then "
+              f"refuses this data unless --eval_windows 0); raise --val_fraction or --val_docs, or add documents",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ label per dev row; MNLI.dev_m.tsv, MNLI.dev_mm.tsv), submission/<TASK>.tsv (zip 
 tb/ (tensorboardX scalars), and for --task all glue.json with the GLUE table. Prediction files are the median
 seed's; STS-B scores are clipped to [0, 5] in them and in the dev metrics.
 """
-import argparse
 import dataclasses
 import functools
 import os
@@ -355,6 +354,13 @@ def train_epoch(step_fn, state: tuple, enc: Encoded, labels: np.ndarray, batches
     return tuple(state), step, float(jnp.mean(jnp.stack(losses)))
 
 
+def check_finite(where: str, values: dict) -> None:
+    """Stop before any result is written when a run diverged: {name: array or number} must all be finite."""
+    bad = [name for name, v in values.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise UserError(f"{where}: {' and '.join(bad)} not finite, so no result is written; try a lower --lr")
+
+
 def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed: int, lr_fn, log_dir: str) -> dict:
     """Finetune from init with one seed; evaluate on dev after each epoch; predict test with the best epoch."""
     from tensorboardX import SummaryWriter
@@ -382,6 +388,8 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
                 desc=f"{task.name} seed {seed} epoch {epoch}", on_log=on_log)
             train_seconds = time.time() - start
             metrics, dev_outputs = evaluate(task, logits_fn, state[0], data.dev, recipe)
+            check_finite(f"{task.name} seed {seed} epoch {epoch}",
+                         {"train loss": train_loss, **{f"dev{s} outputs": o for s, o in dev_outputs.items()}})
             score = glue.task_score(metrics)
             for name, value in metrics.items():
                 writer.add_scalar(f"dev/{name}", value, step)
@@ -399,6 +407,7 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
         writer.close()
     test_outputs = {f: predict(logits_fn, best, enc, recipe.eval_batch_size, recipe.pad_multiple)
                     for f, (enc, _) in data.test.items()}
+    check_finite(f"{task.name} seed {seed}", {f"{f} outputs": o for f, o in test_outputs.items()})
     return {"seed": seed, "epochs": epochs, "best_epoch": best_record["epoch"], "best": best_record["dev"],
             "best_score": best_record["score"], "new_params": fresh, "test_outputs": test_outputs,
             "dev_outputs": best_dev}
@@ -448,13 +457,13 @@ DEFAULT_INIT = "out"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     p.add_argument("--task", required=True, type=glue.task_key, choices=[*glue.TASKS, "all"],
                    help="GLUE task, or 'all' for every task with train and dev data plus a GLUE table "
                         "(AX, the diagnostic set, is predicted with the MNLI model)")
     p.add_argument("--glue_dir", help="read the GLUE TSV files from this folder (download_glue_data.py layout: "
                                       "DIR/SST-2/train.tsv, ...); default: the Hub dataset nyu-mll/glue")
-    p.add_argument("--holdout", type=float, default=0.0,
+    p.add_argument("--holdout", type=common.float_in(0, 1, open_high=True), default=0.0,
                    help="for a task whose --glue_dir copy has no dev file: score on this fraction of its training "
                         "rows, held out from training (a fixed draw, the same for every seed); results then say "
                         "so (default: 0 = a missing dev file is an error)")
@@ -472,43 +481,38 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer", help="tokenizer.json: with --from_scratch, or for a checkpoint that lacks one")
     g.add_argument("--model", choices=list(bert.PRESETS), help="model preset for --from_scratch")
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size "
+    g.add_argument("--lr", type=common.positive_float, help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size "
                    f"under {NARROW_HIDDEN}, such as tiny and mini; else per task, "
                    + ", ".join(f"{t.name} {t.lr:g}" for t in glue.TASKS.values()) + ")")
-    g.add_argument("--epochs", type=int, default=3, help="epochs over the training set (default: 3)")
-    g.add_argument("--batch_size", type=int, default=32, help="training batch size (default: 32)")
-    g.add_argument("--max_len", type=int, default=128,
+    g.add_argument("--epochs", type=common.positive_int, default=3, help="epochs over the training set (default: 3)")
+    g.add_argument("--batch_size", type=common.positive_int, default=32, help="training batch size (default: 32)")
+    g.add_argument("--max_len", type=common.int_in(8), default=128,
                    help="tokens per example incl. [CLS]/[SEP]; pairs are cut longest-first (default: 128)")
-    g.add_argument("--warmup", type=float, default=0.1,
+    g.add_argument("--warmup", type=common.float_in(0, 1, open_high=True), default=0.1,
                    help="fraction of steps of linear warmup, then linear decay to 0 (default: 0.1)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    g.add_argument("--dropout", type=float, help="dropout rate (default: the checkpoint's config)")
+    g.add_argument("--weight_decay", type=common.non_negative_float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    g.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), help="dropout rate (default: the checkpoint's config)")
     g.add_argument("--precision", choices=list(bert.PRECISIONS),
                    help="compute dtype as in train.py; params stay fp32; fp16 adds dynamic loss scaling "
                         "(default: bf16 on GPU/TPU, fp32 on CPU)")
-    g.add_argument("--seeds", type=int, default=1,
+    g.add_argument("--seeds", type=common.positive_int, default=1,
                    help="finetune this many times with different seeds and report the median (default: 1)")
-    g.add_argument("--seed", type=int, default=0, help="first seed; the runs use seed, seed+1, ... (default: 0)")
-    g.add_argument("--max_train_examples", type=int, default=0,
+    g.add_argument("--seed", type=common.seed, default=0,
+                   help=f"first seed; the runs use seed, seed+1, ..., up to {common.MAX_SEED} (default: 0)")
+    g.add_argument("--max_train_examples", type=common.non_negative_int, default=0,
                    help="use only the first N training rows, for quick runs (default: 0 = all)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval_batch_size", type=int, default=128, help="batch size for dev/test (default: 128)")
-    g.add_argument("--pad_multiple", type=int, default=8,
+    g.add_argument("--eval_batch_size", type=common.positive_int, default=128, help="batch size for dev/test (default: 128)")
+    g.add_argument("--pad_multiple", type=common.positive_int, default=8,
                    help="batches are padded to a multiple of this length (coarser above 8x it): fewer distinct "
                         "shapes, i.e. jit compilations, against less padding (default: 8)")
-    g.add_argument("--log_every", type=int, default=50, help="steps between loss logs (default: 50)")
+    g.add_argument("--log_every", type=common.positive_int, default=50, help="steps between loss logs (default: 50)")
     g.add_argument("--out_dir", default="out/glue",
                    help="results JSON, dev predictions, submission/ files and tb/ logs go here (default: out/glue)")
     args = p.parse_args(argv)
-    for name, low in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("eval_batch_size", 1), ("pad_multiple", 1),
-                      ("log_every", 1), ("max_len", 8), ("max_train_examples", 0)):
-        if getattr(args, name) < low:
-            p.error(f"--{name} must be >= {low}")
-    if args.lr is not None and not args.lr > 0:
-        p.error("--lr must be > 0")
-    for name in ("holdout", "warmup", "dropout"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
-            p.error(f"--{name} must be in [0, 1)")
+    if args.seed + args.seeds - 1 > common.MAX_SEED:
+        p.error(f"--seed {args.seed} with --seeds {args.seeds} runs seeds up to {args.seed + args.seeds - 1}, "
+                f"above {common.MAX_SEED}")
     args.precision = args.precision or bert.default_precision()
     return args
 

@@ -326,6 +326,9 @@ def load_task(task: Task, glue_dir: str | None, skip_bad_rows: bool = False, req
     if use_holdout:
         print(f"note: no {task.name} dev file: scoring on a held-out {holdout:g} of {path(task.train)}")
         train_set, held = split_holdout(train_set, holdout)
+        if not len(train_set):
+            raise UserError(f"--holdout {holdout:g} holds out all {len(held)} rows of {path(task.train)}, leaving "
+                            "none to train on; use a smaller fraction")
         dev = {task.dev[0].suffix: held}
     else:
         dev = {s.suffix: read_glue_file(task, path(s), True, skip_bad_rows) for s in task.dev}

@@ -23,7 +23,6 @@ tokens that are not [PAD]; the exported position table therefore has one zero ro
 [PAD] appears only as right padding under the attention mask (as in train.py and finetune.py), at every position
 that is not padding.
 """
-import argparse
 import json
 import os
 import re
@@ -411,7 +410,7 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
 # CLI
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--export", nargs=2, metavar=("CKPT_DIR", "OUT_DIR"),
                    help="write a train.py checkpoint (a ckpt_<step> folder, or an out_dir: its newest) as a new "

@@ -380,6 +380,14 @@ def encoder_params(cfg: BertConfig) -> int:
     return cfg.num_layers * (attention + mlp + norms) + outside
 
 
+def num_params(cfg: BertConfig) -> int:
+    """Every parameter of mlm_model(cfg): the embeddings, the encoder and the MLM head (its decoder is tied)."""
+    H = cfg.hidden_size
+    embeddings = (cfg.vocab_size + cfg.max_position + cfg.type_vocab_size) * H
+    head = H * H + H + 2 * H + cfg.vocab_size  # transform dense, LayerNorm, output bias
+    return embeddings + encoder_params(cfg) + head
+
+
 def flops_per_token(cfg: BertConfig, seq_len: int, mask_rate: float,
                     decoded_fraction: float | None = None) -> float:
     """Training FLOPs per input token: 6*non_embedding_params + 12*L*H*T (attention) + 6*H*V*decoded_fraction.

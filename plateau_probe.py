@@ -7,7 +7,6 @@ at all; plus the embedding tables' scale, which sets how far finetuning's Adam s
 
 A model on the unigram plateau loses nothing when its context is shuffled: it predicts from the bag of words.
 """
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +35,13 @@ def order_losses(params, cfg: bert.BertConfig, windows: np.ndarray, mask_rate: f
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     p.add_argument("--init", required=True, help="a train.py out_dir (its newest checkpoint) or a ckpt_* folder")
     p.add_argument("--data_dir", required=True, help="the data.py folder the checkpoint was trained on")
-    p.add_argument("--seq_len", type=int, default=128, help="validation window length (default: 128)")
-    p.add_argument("--windows", type=int, default=256, help="validation windows to score (default: 256)")
-    p.add_argument("--mask_rate", type=float, default=0.15, help="fraction of positions masked (default: 0.15)")
-    p.add_argument("--seed", type=int, default=0, help="picks the windows, masks and shuffles (default: 0)")
+    p.add_argument("--seq_len", type=common.positive_int, default=128, help="validation window length (default: 128)")
+    p.add_argument("--windows", type=common.positive_int, default=256, help="validation windows to score (default: 256)")
+    p.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15, help="fraction of positions masked (default: 0.15)")
+    p.add_argument("--seed", type=common.seed, default=0, help="picks the windows, masks and shuffles (default: 0)")
     args = p.parse_args()
     params, state = checkpoint.load_checkpoint(args.init)
     cfg = checkpoint.model_config(state)

@@ -12,7 +12,6 @@ loss.png: train and validation MLM loss, learning rate and batch size against to
 row per evaluation: tokens, the mean train loss and tokens/s logged since the previous evaluation, val loss.
 The plot needs matplotlib (pip install matplotlib); the tables do not.
 """
-import argparse
 import io
 import math
 import os
@@ -30,8 +29,8 @@ COLUMNS = [("tokens", "tokens"), ("train_loss", "train loss"), ("val_loss", "val
            ("tokens_per_s", "tokens/s")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> common.ArgumentParser:
+    p = common.ArgumentParser(__doc__)
     p.add_argument("out_dir", metavar="OUT_DIR", help="a train.py --out_dir (its tb/ folder is read), or a tb/ "
                                                        "folder itself")
     p.add_argument("--out", help="write loss.png, log.md and log.json into this folder, made if needed "

@@ -8,10 +8,10 @@ normalisation and pre-tokenisation, "[CLS] A [SEP] (B [SEP])" with token types 0
 Like Hugging Face's own tokenizer.json files it pads and truncates nothing. An --out named tokenizer.json gets a
 tokenizer_config.json beside it, so that transformers.AutoTokenizer.from_pretrained(its folder) loads it.
 """
-import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from typing import Iterable, Iterator
 
@@ -66,7 +66,22 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, cased: bool = Fal
     tok.train_from_iterator(iter(lambda: list(itertools.islice(docs, batch_docs)), []), trainer=trainer)
     for want_id, token in enumerate(SPECIAL_TOKENS):  # the trainer puts them first; the contract depends on it
         assert tok.token_to_id(token) == want_id, (token, tok.token_to_id(token))
+    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise UserError("the corpus holds no text the tokenizer keeps (only control characters or whitespace?): "
+                        "its vocabulary would be the special tokens alone")
     return tok
+
+
+def vocab_size_warning(tok: Tokenizer, asked: int, min_frequency: int) -> str | None:
+    """One line when the trained vocabulary's size is not the one asked for, saying why it can differ."""
+    size = tok.get_vocab_size()
+    if size > asked:
+        return (f"warning: the vocabulary has {size} tokens, more than --vocab_size {asked}: the trainer keeps every "
+                "character of the alphabet (up to --limit_alphabet) and its ## form whatever the size asked")
+    if size < asked:
+        return (f"warning: the vocabulary has {size} tokens, fewer than --vocab_size {asked}: the corpus has too few "
+                f"distinct words and pieces occurring at least --min_frequency {min_frequency} times")
+    return None
 
 
 def for_transformers(tok: Tokenizer, model_max_length: int = MODEL_MAX_LENGTH) -> tuple[str, dict]:
@@ -97,25 +112,24 @@ def _with_progress(documents: Iterable[str], stats: dict) -> Iterator[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(__doc__)
     p.add_argument("--out", default="tokenizer.json",
                    help="where to write the tokenizer; named tokenizer.json, it gets a tokenizer_config.json beside "
                         "it for transformers (default: tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its tokenizer_config.json) if they "
                                                              "exist; without it they are refused")
-    p.add_argument("--vocab_size", type=int, default=32768,
+    p.add_argument("--vocab_size", type=common.int_in(len(SPECIAL_TOKENS) + 1, MAX_VOCAB_SIZE), default=32768,
                    help=f"vocabulary size including the 5 special tokens, at most {MAX_VOCAB_SIZE} (default: 32768, "
                         "a multiple of 128 so the embedding and output matrices tile evenly on GPU/TPU matrix units)")
     p.add_argument("--cased", action="store_true",
                    help="keep case and accents (default: lowercase and strip accents, like bert-base-uncased)")
-    p.add_argument("--min_frequency", type=int, default=2,
+    p.add_argument("--min_frequency", type=common.int_in(0, 2**32 - 1), default=2,
                    help="a pair must occur this often to be merged into a new token (default: 2)")
-    p.add_argument("--limit_alphabet", type=int, default=1000,
+    p.add_argument("--limit_alphabet", type=common.int_in(1, 2**32 - 1), default=1000,
                    help="keep at most this many distinct characters; rarer ones become [UNK] (default: 1000)")
     corpus.add_source_args(p)
     args = p.parse_args()
 
-    check_settings(args.vocab_size, args.min_frequency, args.limit_alphabet)
     # tokenizer_config.json goes beside an --out named tokenizer.json, else nowhere (a folder of tokenizers with
     # other names would have one settings file for them all)
     settings_path = (os.path.join(os.path.dirname(args.out), "tokenizer_config.json")
@@ -127,6 +141,7 @@ def main() -> None:
     start = time.time()
     tok = train_tokenizer(_with_progress(documents, stats), args.vocab_size, cased=args.cased,
                           min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
+    size_warning = vocab_size_warning(tok, args.vocab_size, args.min_frequency)
     text, config = for_transformers(tok)
     try:  # tokenizer.json last: its presence says the pair is complete
         if settings_path:
@@ -137,6 +152,8 @@ def main() -> None:
     print(f"wrote {args.out}: vocab {tok.get_vocab_size()} (asked {args.vocab_size}), {stats['docs']} docs, "
           f"{stats['bytes'] / 1e6:.1f} MB, {stats['replaced_bytes']} undecodable bytes replaced, "
           f"{time.time() - start:.1f} s")
+    if size_warning:
+        print(size_warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

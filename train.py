@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from typing import Callable, NamedTuple
@@ -185,16 +186,34 @@ def make_eval_step(net, cfg: bert.BertConfig, mask_rate: float, eval_key, mesh: 
 
 def setup_distributed(args) -> None:
     if args.coordinator == "auto":
-        jax.distributed.initialize()
+        join_processes(args)
     elif args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise UserError("--coordinator HOST:PORT needs --num_processes and --process_id")
         if not 0 <= args.process_id < args.num_processes:
             raise UserError(f"need 0 <= --process_id < --num_processes, got --process_id {args.process_id} and "
                             f"--num_processes {args.num_processes}")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        join_processes(args, args.coordinator, args.num_processes, args.process_id)
     elif args.num_processes not in (None, 1) or args.process_id not in (None, 0):
         raise UserError("--num_processes/--process_id need --coordinator")
+
+
+def join_processes(args, *where) -> None:
+    """jax.distributed.initialize(*where), stopped in one line after --coordinator_timeout seconds. jax's own
+    timeout aborts the whole process with a C++ stack trace instead of raising, so ours comes first."""
+    def give_up():
+        print(f"error: --coordinator {args.coordinator}: the {args.num_processes or 'detected'} processes did not "
+              f"all join within --coordinator_timeout {args.coordinator_timeout} s; is the coordinator reachable "
+              f"from here, and is every process started?", file=sys.stderr, flush=True)
+        os._exit(2)  # initialize() blocks in C++ and cannot be interrupted; nothing is written yet
+
+    timer = threading.Timer(args.coordinator_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(*where, initialization_timeout=args.coordinator_timeout + 60)
+    finally:
+        timer.cancel()
 
 
 def replicate(tree, mesh: Mesh):
@@ -303,8 +322,12 @@ def initial_state(net, tx, args, resumed: dict | None, precision: str, mesh: Mes
 def eval_windows(args, tokenizer_sha256: str, rows_per_micro: int) -> np.ndarray:
     """The --eval_windows fixed windows of val.bin [N', T], padded with [PAD] rows to whole microbatches."""
     val = data.TokenReader(args.data_dir, "val", args.seq_len, args.seed, tokenizer_sha256)
-    windows = np.zeros((-(-args.eval_windows // rows_per_micro) * rows_per_micro, args.seq_len), np.int32)
-    windows[:args.eval_windows] = val.batch(0, args.eval_windows)
+    count = min(args.eval_windows, val.num_tokens - args.seq_len + 1)  # more would only repeat windows
+    if count < args.eval_windows and jax.process_index() == 0:
+        print(f"warning: --eval_windows {args.eval_windows} is more than the {count} windows of {args.seq_len} "
+              f"tokens that {args.data_dir}/val.bin holds; evaluating on those {count}", file=sys.stderr)
+    windows = np.zeros((-(-count // rows_per_micro) * rows_per_micro, args.seq_len), np.int32)
+    windows[:count] = val.batch(0, count)
     return windows
 
 
@@ -498,6 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
     rows_per_micro = train_flags.check_config(args, num_devices)
     reader, cfg, tokenizer_bytes = load_data(args, resumed, is_main)
+    train_flags.check_memory(cfg, jax.local_devices()[0], jax.local_device_count())
     precision = args.precision or (resumed["precision"] if resumed else bert.default_precision())
     policy = bert.set_precision(precision)
     net, mesh = bert.mlm_model(cfg), Mesh(np.array(jax.devices()), ("data",))

@@ -244,3 +244,18 @@ def test_cli_data_from_another_tokenizer(tmp_path, corpus, tiny_docs, tiny_token
     assert_user_error(run_cli("--tokenizer", other, "--out", out, "--text_files", corpus),
                       "different tokenizer", common.sha256_file(tiny_tokenizer_path), common.sha256_file(str(other)))
     assert (out / "meta.json").read_text() == before
+
+
+@pytest.mark.parametrize("flags, warns", [(["--val_fraction", 0], "val has 0 documents, 0 tokens"),
+                                          (["--val_docs", 2], "val has 2 documents"),
+                                          (["--val_docs", 40], None)])
+def test_cli_warns_of_a_validation_split_train_py_would_refuse(tmp_path, corpus, tiny_tokenizer_path, flags, warns):
+    result = run_cli("--tokenizer", tiny_tokenizer_path, "--out", tmp_path / "data", "--text_files", corpus, *flags)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    val_tokens = data.load_meta(str(tmp_path / "data"))["splits"]["val"]["tokens"]
+    if warns is None:
+        assert warnings == [] and val_tokens >= data.VAL_TOKENS_NEEDED
+    else:
+        assert len(warnings) == 1 and warns in warnings[0] and "--eval_windows 0" in warnings[0]
+        assert val_tokens < data.VAL_TOKENS_NEEDED

@@ -170,8 +170,30 @@ def test_cli_bad_inputs(tmp_path):
     assert_user_error(run_cli("--text_files", tmp_path / "adir", "--out", out), "is a directory")
     assert_user_error(run_cli("--text_files", tmp_path / "empty.txt", "--out", tmp_path / "no" / "tok.json"),
                       "does not exist")
-    assert_user_error(run_cli("--text_files", "/dev/zero", "--out", out), "/dev/zero:1: line longer than 64 MiB")
+    assert_user_error(run_cli("--text_files", "/dev/zero", "--out", out), "/dev/zero is not a regular file")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("asked, says", [(6, "more than --vocab_size 6: the trainer keeps every character"),
+                                         (5000, "fewer than --vocab_size 5000: the corpus has too few")])
+def test_cli_says_when_the_vocabulary_size_differs_from_the_request(tmp_path, tiny_docs, asked, says):
+    (tmp_path / "corpus.txt").write_text("\n".join(tiny_docs) + "\n")
+    result = run_cli("--text_files", tmp_path / "corpus.txt", "--vocab_size", asked, "--out", tmp_path / "tok.json")
+    assert result.returncode == 0, result.stderr
+    size = common.load_tokenizer(str(tmp_path / "tok.json")).get_vocab_size()
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: the vocabulary has {size} tokens, " + says + warnings[0].split(says)[1]]
+
+
+def test_corpus_without_a_word_is_refused(tmp_path):
+    (tmp_path / "nul.txt").write_bytes(b"\0" * 100 + b"\n\0\0 \0\n")
+    with pytest.raises(UserError, match="special tokens alone"):
+        train_tokenizer(["\0" * 100, "\0\0 \0"], vocab_size=100)
+    result = run_cli("--text_files", tmp_path / "nul.txt", "--out", tmp_path / "tok.json")
+    errors = [line for line in result.stderr.splitlines() if "error" in line]  # after the reading progress bar
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1
+    assert result.stderr.strip().splitlines()[-1] == errors[0] and "special tokens alone" in errors[0]
+    assert not (tmp_path / "tok.json").exists()
 
 
 def test_cli_without_network_fails_fast_with_the_way_out(tmp_path):

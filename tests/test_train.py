@@ -398,6 +398,16 @@ def test_sigterm_writes_a_checkpoint(run, corpus, cache_dir, tmp_path):
     assert all(np.isfinite(x).all() for m in params.values() for x in m.values())
 
 
+def test_eval_windows_beyond_the_val_split_are_cut_to_it_with_a_warning(corpus, capsys):
+    args = train_flags.build_parser("").parse_args(run_flags(corpus, "unused", "--eval_windows", "1000000000"))
+    windows = train.eval_windows(args, common.sha256_file(corpus["tokenizer"]), rows_per_micro=8)
+    count = data.load_meta(corpus["data"])["splits"]["val"]["tokens"] - SEQ_LEN + 1  # every distinct window
+    assert windows.shape == (-(-count // 8) * 8, SEQ_LEN) and not windows[count:].any() and windows[:count].all()
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --eval_windows 1000000000 is more than the {count} windows of {SEQ_LEN} tokens that "
+        f"{corpus['data']}/val.bin holds; evaluating on those {count}"]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Several processes (--coordinator): two on localhost with one CPU device each, joined by jax's default CPU
 # collectives (gloo over TCP), against one process with two devices.
