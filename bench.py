@@ -143,7 +143,8 @@ def build_parser() -> common.ArgumentParser:
     parser.add_argument("--batch_size", type=common.positive_int, default=32, help="sequences per step")
     parser.add_argument("--seq_len", type=common.positive_int, default=128, help="tokens per sequence")
     parser.add_argument("--vocab_size", type=common.int_in(6), default=30522, help="vocabulary size (both sides)")
-    parser.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15, help="fraction of positions to predict")
+    parser.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15,
+                        help="fraction of positions to predict")
     parser.add_argument("--steps", type=common.positive_int, default=3, help="steps per timing round")
     parser.add_argument("--rounds", type=common.positive_int, default=3, help="timing rounds (the median is reported)")
     parser.add_argument("--peak_size", type=common.positive_int, default=2048, help="matrix size of the peak matmul")

@@ -61,9 +61,11 @@ def ceiling(tok, docs: list[str], method: str, batch_bytes: int | None) -> tuple
 def main() -> None:
     p = common.ArgumentParser(__doc__)
     p.add_argument("--corpus", default="/work/shared/data/wikipedia/AA/wiki_*", help="glob of WikiExtractor files")
-    p.add_argument("--part_files", type=common.positive_int, default=15, help="files in the smaller data.py run (default: 15)")
+    p.add_argument("--part_files", type=common.positive_int, default=15,
+                   help="files in the smaller data.py run (default: 15)")
     p.add_argument("--vocab_size", type=common.int_in(6), default=32768, help="tokenizer vocabulary (default: 32768)")
-    p.add_argument("--repeats", type=common.positive_int, default=2, help="runs of each throughput measurement; best kept (default: 2)")
+    p.add_argument("--repeats", type=common.positive_int, default=2,
+                   help="runs of each throughput measurement; best kept (default: 2)")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one (skips that measurement)")
     args = p.parse_args()
     files = sorted(glob.glob(args.corpus))

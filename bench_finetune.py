@@ -107,14 +107,18 @@ def build_parser() -> common.ArgumentParser:
                    help="transformers trains on finetune.py's length-bucketed batches in the same order (default: "
                         "a random order with dynamic padding, the usual way); isolates the implementations")
     p.add_argument("--glue_dir", required=True, help="GLUE folder holding SST-2/train.tsv")
-    p.add_argument("--max_examples", type=common.non_negative_int, default=0, help="use the first N training rows (default: 0 = all)")
+    p.add_argument("--max_examples", type=common.non_negative_int, default=0,
+                   help="use the first N training rows (default: 0 = all)")
     p.add_argument("--model", default="mini", choices=list(bert.PRESETS), help="model preset (default: mini)")
     p.add_argument("--batch_size", type=common.positive_int, default=32, help="batch size (default: 32)")
     p.add_argument("--max_len", type=common.int_in(8), default=128, help="max tokens per example (default: 128)")
-    p.add_argument("--pad_multiple", type=common.positive_int, default=8, help="finetune.py's --pad_multiple (default: 8)")
-    p.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), default=0.1, help="dropout on both sides (default: 0.1)")
+    p.add_argument("--pad_multiple", type=common.positive_int, default=8,
+                   help="finetune.py's --pad_multiple (default: 8)")
+    p.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), default=0.1,
+                   help="dropout on both sides (default: 0.1)")
     p.add_argument("--lr", type=common.positive_float, default=3e-5, help="peak learning rate (default: 3e-5)")
-    p.add_argument("--segment", type=common.positive_int, default=100, help="steps per alternating segment (default: 100)")
+    p.add_argument("--segment", type=common.positive_int, default=100,
+                   help="steps per alternating segment (default: 100)")
     p.add_argument("--skip_hf", action="store_true", help="time finetune.py only")
     return p
 

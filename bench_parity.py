@@ -57,12 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=common.non_negative_int, default=20,
                    help="linear warmup from 0 to --lr over this many steps, then linear decay to 0 at --steps "
                         "(train.lr_at with steps for tokens) (default: 20)")
-    p.add_argument("--weight_decay", type=common.non_negative_float, default=0.01, help="decoupled weight decay (default: 0.01)")
+    p.add_argument("--weight_decay", type=common.non_negative_float, default=0.01,
+                   help="decoupled weight decay (default: 0.01)")
     p.add_argument("--b1", type=common.float_in(0, 1, open_high=True), default=0.9, help="Adam beta1 (default: 0.9)")
     p.add_argument("--b2", type=common.float_in(0, 1, open_high=True), default=0.98, help="Adam beta2 (default: 0.98)")
     p.add_argument("--eps", type=common.positive_float, default=1e-6, help="Adam epsilon (default: 1e-6)")
-    p.add_argument("--grad_clip", type=common.non_negative_float, default=1.0, help="global-norm clipping; 0 = none (default: 1.0)")
-    p.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15, help="fraction of positions masked (default: 0.15)")
+    p.add_argument("--grad_clip", type=common.non_negative_float, default=1.0,
+                   help="global-norm clipping; 0 = none (default: 1.0)")
+    p.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15,
+                   help="fraction of positions masked (default: 0.15)")
     p.add_argument("--seed", type=common.seed, default=0, help="seeds init, window offsets and masks (default: 0)")
     p.add_argument("--text_files", nargs="+", default=["../shared/data/wikipedia/AA/*"], metavar="GLOB",
                    help="corpus files, any format data.py reads (default: '../shared/data/wikipedia/AA/*')")

@@ -334,7 +334,8 @@ def main() -> None:
                      help="put about this fraction of documents in val: document number i (0, 1, ... in reading "
                           "order) goes to val when a hash of i falls below the fraction; the same on every run "
                           "(default: 0.01)")
-    val.add_argument("--val_docs", type=common.non_negative_int, help="instead, put exactly the first N documents in val")
+    val.add_argument("--val_docs", type=common.non_negative_int,
+                     help="instead, put exactly the first N documents in val")
     p.add_argument("--batch_mb", type=common.positive_float, default=1.0,
                    help="MB of text encoded per batch: larger keeps cores busier, smaller uses less memory "
                         "(default: 1)")

@@ -481,17 +481,20 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer", help="tokenizer.json: with --from_scratch, or for a checkpoint that lacks one")
     g.add_argument("--model", choices=list(bert.PRESETS), help="model preset for --from_scratch")
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=common.positive_float, help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size "
-                   f"under {NARROW_HIDDEN}, such as tiny and mini; else per task, "
-                   + ", ".join(f"{t.name} {t.lr:g}" for t in glue.TASKS.values()) + ")")
+    g.add_argument("--lr", type=common.positive_float,
+                   help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size under "
+                        f"{NARROW_HIDDEN}, such as tiny and mini; else per task, "
+                        + ", ".join(f"{t.name} {t.lr:g}" for t in glue.TASKS.values()) + ")")
     g.add_argument("--epochs", type=common.positive_int, default=3, help="epochs over the training set (default: 3)")
     g.add_argument("--batch_size", type=common.positive_int, default=32, help="training batch size (default: 32)")
     g.add_argument("--max_len", type=common.int_in(8), default=128,
                    help="tokens per example incl. [CLS]/[SEP]; pairs are cut longest-first (default: 128)")
     g.add_argument("--warmup", type=common.float_in(0, 1, open_high=True), default=0.1,
                    help="fraction of steps of linear warmup, then linear decay to 0 (default: 0.1)")
-    g.add_argument("--weight_decay", type=common.non_negative_float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    g.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), help="dropout rate (default: the checkpoint's config)")
+    g.add_argument("--weight_decay", type=common.non_negative_float, default=0.01,
+                   help="AdamW weight decay (default: 0.01)")
+    g.add_argument("--dropout", type=common.float_in(0, 1, open_high=True),
+                   help="dropout rate (default: the checkpoint's config)")
     g.add_argument("--precision", choices=list(bert.PRECISIONS),
                    help="compute dtype as in train.py; params stay fp32; fp16 adds dynamic loss scaling "
                         "(default: bf16 on GPU/TPU, fp32 on CPU)")
@@ -502,7 +505,8 @@ def parse_args(argv=None):
     g.add_argument("--max_train_examples", type=common.non_negative_int, default=0,
                    help="use only the first N training rows, for quick runs (default: 0 = all)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval_batch_size", type=common.positive_int, default=128, help="batch size for dev/test (default: 128)")
+    g.add_argument("--eval_batch_size", type=common.positive_int, default=128,
+                   help="batch size for dev/test (default: 128)")
     g.add_argument("--pad_multiple", type=common.positive_int, default=8,
                    help="batches are padded to a multiple of this length (coarser above 8x it): fewer distinct "
                         "shapes, i.e. jit compilations, against less padding (default: 8)")

@@ -39,8 +39,10 @@ def main() -> None:
     p.add_argument("--init", required=True, help="a train.py out_dir (its newest checkpoint) or a ckpt_* folder")
     p.add_argument("--data_dir", required=True, help="the data.py folder the checkpoint was trained on")
     p.add_argument("--seq_len", type=common.positive_int, default=128, help="validation window length (default: 128)")
-    p.add_argument("--windows", type=common.positive_int, default=256, help="validation windows to score (default: 256)")
-    p.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15, help="fraction of positions masked (default: 0.15)")
+    p.add_argument("--windows", type=common.positive_int, default=256,
+                   help="validation windows to score (default: 256)")
+    p.add_argument("--mask_rate", type=common.float_in(0, 1, open_low=True, open_high=True), default=0.15,
+                   help="fraction of positions masked (default: 0.15)")
     p.add_argument("--seed", type=common.seed, default=0, help="picks the windows, masks and shuffles (default: 0)")
     args = p.parse_args()
     params, state = checkpoint.load_checkpoint(args.init)

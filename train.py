@@ -522,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows_per_micro = train_flags.check_config(args, num_devices)
     reader, cfg, tokenizer_bytes = load_data(args, resumed, is_main)
     train_flags.check_memory(cfg, jax.local_devices()[0], jax.local_device_count())
+    train_flags.check_tokens_left(args, resumed)
     precision = args.precision or (resumed["precision"] if resumed else bert.default_precision())
     policy = bert.set_precision(precision)
     net, mesh = bert.mlm_model(cfg), Mesh(np.array(jax.devices()), ("data",))

@@ -76,7 +76,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         "large L24/H1024; heads H/64, MLP 4H (default: mini)")
     g.add_argument("--num_layers", type=common.positive_int, help="override the preset's number of layers")
     g.add_argument("--hidden_size", type=common.positive_int, help="override the preset's hidden size")
-    g.add_argument("--num_heads", type=common.positive_int, help="override the number of attention heads (default: hidden/64)")
+    g.add_argument("--num_heads", type=common.positive_int,
+                   help="override the number of attention heads (default: hidden/64)")
     g.add_argument("--intermediate_size", type=common.positive_int, help="override the MLP width (default: 4*hidden)")
     g.add_argument("--post_ln", action=argparse.BooleanOptionalAction, default=None,
                    help="BERT's original post-LayerNorm layout instead of pre-LN (default: pre-LN)")
@@ -89,7 +90,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="initial position embeddings: BERT's truncated normal (std 0.02), or a sine/cosine table "
                         "with the same std, which makes attention by relative offset easy to learn from the "
                         "start; the embeddings are learned either way (default: normal)")
-    g.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), default=0.0, help="hidden and attention dropout (default: 0.0)")
+    g.add_argument("--dropout", type=common.float_in(0, 1, open_high=True), default=0.0,
+                   help="hidden and attention dropout (default: 0.0)")
     g.add_argument("--seq_len", type=common.positive_int, default=128, help="tokens per training window (default: 128)")
     g.add_argument("--seq_len_start", type=common.positive_int,
                    help="sequence-length warmup: train on windows of this length first, doubling up to --seq_len "
@@ -121,7 +123,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="the learning rate anneals to --lr times this at --max_tokens (default: 0.0)")
     g.add_argument("--anneal", choices=["cos", "linear"], default="cos",
                    help="shape of the decay after warmup (default: cos)")
-    g.add_argument("--weight_decay", type=common.non_negative_float, default=0.01, help="decoupled weight decay (default: 0.01)")
+    g.add_argument("--weight_decay", type=common.non_negative_float, default=0.01,
+                   help="decoupled weight decay (default: 0.01)")
     g.add_argument("--b1", type=common.float_in(0, 1, open_high=True), default=0.9,
                    help="Adam beta1, in [0, 1) (default: 0.9)")
     g.add_argument("--b2", type=common.float_in(0, 1, open_high=True), default=0.98,
@@ -135,7 +138,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="train on this many tokens (sequences x seq_len); suffixes k/M/B; at most 1e15, more than "
                         "any machine trains a BERT on (default: 2M, the quick start: about 10 minutes of mini on a "
                         "2-core CPU)")
-    g.add_argument("--batch_size", type=common.positive_int, default=64, help="global batch size in sequences (default: 64)")
+    g.add_argument("--batch_size", type=common.positive_int, default=64,
+                   help="global batch size in sequences (default: 64)")
     g.add_argument("--batch_size_start", type=common.non_negative_int,
                    help="ramp the batch size linearly from this to --batch_size; 0 = no ramp (default: 32, or "
                         "--batch_size if smaller)")
@@ -153,17 +157,20 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="evaluate MLM loss and accuracy on this many fixed windows of val.bin, with fixed masks "
                         "(at most as many as val.bin has windows; more are cut to that, with a warning); 0 = no "
                         "evaluation (default: 512)")
-    g.add_argument("--log_every", type=common.positive_int, default=50, help="print a line every this many steps (default: 50)")
+    g.add_argument("--log_every", type=common.positive_int, default=50,
+                   help="print a line every this many steps (default: 50)")
     g.add_argument("--ckpt_every", type=parse_count, default=parse_count("1M"),
                    help="checkpoint every this many tokens, and at the end; 0 = only at the end (default: 1M)")
-    g.add_argument("--keep_ckpts", type=common.positive_int, default=3, help="keep the last this many checkpoints (default: 3)")
+    g.add_argument("--keep_ckpts", type=common.positive_int, default=3,
+                   help="keep the last this many checkpoints (default: 3)")
     g.add_argument("--peak_flops", type=common.non_negative_float, default=0.0,
                    help="peak FLOP/s of one device, for MFU; 0 = measure a dense matmul in the compute dtype at "
                         "startup (MFU is then relative to achievable, not datasheet, throughput) (default: 0)")
 
     g = p.add_argument_group("multi-host (one process per host)")
-    g.add_argument("--coordinator", type=coordinator_address, help="HOST:PORT of process 0 for jax.distributed.initialize, or 'auto' to "
-                                         "detect the cluster (TPU pod, SLURM, ...) (default: single process)")
+    g.add_argument("--coordinator", type=coordinator_address,
+                   help="HOST:PORT of process 0 for jax.distributed.initialize, or 'auto' to detect the cluster "
+                        "(TPU pod, SLURM, ...) (default: single process)")
     g.add_argument("--num_processes", type=common.positive_int,
                    help="number of processes (with --coordinator HOST:PORT)")
     g.add_argument("--process_id", type=common.non_negative_int,
@@ -191,11 +198,15 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[argparse.Names
     saved["changed"] = [f"--{k} {getattr(args, k)} (was {v})" for k, v in sorted(saved["args"].items())
                         if k in NUMERIC_FLAGS and getattr(args, k, v) != v]
     saved["path"] = path
-    done = saved.get("tokens_seen")
-    if isinstance(done, int) and args.max_tokens <= done:
-        raise UserError(f"--resume: checkpoint {path} has trained on {done} tokens already, not fewer than "
-                        f"--max_tokens {args.max_tokens}: nothing to train; give a larger --max_tokens to go on")
     return args, saved
+
+
+def check_tokens_left(args, resumed: dict | None) -> None:
+    """A resumed run must have tokens left to train on: else it would end at once, having done nothing."""
+    done = resumed and resumed.get("tokens_seen")
+    if isinstance(done, int) and args.max_tokens <= done:
+        raise UserError(f"--resume: checkpoint {resumed['path']} has trained on {done} tokens already, not fewer "
+                        f"than --max_tokens {args.max_tokens}: nothing to train; give a larger --max_tokens to go on")
 
 
 def check_config(args, num_devices: int) -> int:
@@ -234,9 +245,10 @@ def check_memory(cfg: bert.BertConfig, device, devices_per_host: int) -> None:
     params = bert.num_params(cfg)
     need = TRAIN_BYTES_PER_PARAM * params
     if need > have:
-        raise UserError(f"the model has {params / 1e6:,.0f}M parameters: training needs at least {need / 2**30:,.1f} "
-                        f"GiB per device ({TRAIN_BYTES_PER_PARAM} bytes each), more than its {have / 2**30:,.1f} GiB of "
-                        f"{where}; choose a smaller --model or shape (--num_layers, --hidden_size, ...)")
+        raise UserError(f"the model has {params / 1e6:,.0f}M parameters: training needs at least "
+                        f"{need / 2**30:,.1f} GiB per device ({TRAIN_BYTES_PER_PARAM} bytes each), more than its "
+                        f"{have / 2**30:,.1f} GiB of {where}; choose a smaller --model or shape (--num_layers, "
+                        "--hidden_size, ...)")
 
 
 def ramp_start(args: argparse.Namespace) -> int:

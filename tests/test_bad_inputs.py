@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
+import model as bert  # noqa: E402
 import train_flags  # noqa: E402
 from conftest import damage_checkpoint  # noqa: E402
 
@@ -80,8 +81,9 @@ CASES = {
     "data_text_file_is_a_fifo": ("data.py", ["--text_files", "{root}/fifo", "--out", "{root}/new_data"],
                                  "not a regular file", None),
     # jax's own timeout would abort the process with a C++ stack trace after 300 s
-    "coordinator_unreachable": ("train.py", ["--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id", "1",
-                                             "--coordinator_timeout", "2"], "within --coordinator_timeout 2 s", None),
+    "coordinator_unreachable": ("train.py", ["--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id",
+                                             "1", "--coordinator_timeout", "2"], "within --coordinator_timeout 2 s",
+                                None),
 }
 
 # name: (script, arguments, what the line must say). Run in this process: each fails before any computation.
@@ -121,8 +123,8 @@ FLAG_CASES = {
     "train_model_unknown": ("train.py", ["--model", "huge"], "--model: invalid choice: 'huge' (choose from 'tiny'"),
     "train_max_tokens_no_machine_finishes": ("train.py", ["--max_tokens", "1e30"], "--max_tokens must be a count in"),
     "train_coordinator_not_host_port": ("train.py", ["--coordinator", "nohost"], "--coordinator must be HOST:PORT"),
-    "train_resume_below_tokens_done": ("train.py", ["--out_dir", "{root}/trained", "--resume", "--max_tokens", "1000"],
-                                       "has trained on 4096 tokens already"),
+    "train_resume_below_tokens_done": ("train.py", ["--out_dir", "{root}/trained", "--resume", "--max_tokens", "4096"],
+                                       "has trained on 8192 tokens already"),
     "train_model_beyond_memory": ("train.py", ["--num_layers", "1000000"], "choose a smaller --model"),
     "data_val_fraction_one": ("data.py", ["--val_fraction", "1"], "--val_fraction must be a number in [0, 1)"),
     "data_format_unknown": ("data.py", ["--format", "csv"], "--format: invalid choice: 'csv'"),
@@ -164,9 +166,12 @@ def results(tmp_path_factory, tiny_docs, tiny_tokenizer_path):
         f.write("index\tsentence1\tsentence2\tlabel\n" + "".join(f"{i}\ta\tb\tentailment\n" for i in range(3)))
     with open(os.path.join(root, "glue", "RTE", "test.tsv"), "w") as f:
         f.write("index\tsentence1\tsentence2\n0\ta\tb\n")
-    flags = vars(train_flags.build_parser("").parse_args(["--max_tokens", "4096"]))
-    checkpoint.save_checkpoint(os.path.join(root, "trained"), dict(step=2, tokens_seen=4096, args=flags),
-                               {"params/a/w": np.ones(2)}, b"tok", keep=1)
+    flags = vars(train_flags.build_parser("").parse_args(["--max_tokens", "4096"]))  # a run of train.py's defaults
+    cfg = bert.make_config("mini", common.load_tokenizer(tiny_tokenizer_path).get_vocab_size())
+    state = checkpoint.run_state(step=2, tokens_seen=8192, skipped_steps=0, cfg=cfg, precision="fp32", loss_scale=None,
+                                 seed=0, tokenizer_sha256=common.sha256_file(tiny_tokenizer_path), args=flags,
+                                 num_devices=1)
+    checkpoint.save_checkpoint(os.path.join(root, "trained"), state, {"params/a/w": np.ones(2)}, b"tok", keep=1)
 
     for step, fault in ((1, "truncate"), (2, "empty_state"), (3, "bitflip")):
         folder = checkpoint.save_checkpoint(os.path.join(root, "ckpts"), dict(step=step, tokens_seen=step),

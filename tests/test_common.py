@@ -25,7 +25,8 @@ def test_domains(kind, good, bad):
 
 
 def test_domain_messages_say_what_is_allowed():
-    cases = [(common.int_in(6, 100), "must be an integer in [6, 100]"), (common.positive_int, "must be an integer >= 1"),
+    cases = [(common.int_in(6, 100), "must be an integer in [6, 100]"),
+             (common.positive_int, "must be an integer >= 1"),
              (common.float_in(0, 1, open_high=True), "must be a number in [0, 1)"),
              (common.positive_float, "must be a number > 0"), (common.finite_float, "must be a number (finite)")]
     for kind, says in cases:
