@@ -195,11 +195,12 @@ def make_finetune_step(model: hk.Transformed, optimizer: optax.GradientTransform
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_fns(cfg: bert.BertConfig, num_labels: int, regression: bool, weight_decay: float, precision: str):
+def compiled_fns(cfg: bert.BertConfig, num_labels: int, regression: bool, weight_decay: float, precision: str,
+                 pooling: str = "cls"):
     """(train step, logits fn, optimizer), shared by every seed and task with the same model and head, so that
     each batch shape compiles once per run (--task all: once for the seven two-label tasks). precision is part
     of the key because tracing reads the haiku policy that set_precision installed."""
-    model = bert.classifier_model(cfg, num_labels)
+    model = bert.classifier_model(cfg, num_labels, pooling)
     optimizer = bert.make_optimizer(weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
     logits_fn = jax.jit(lambda params, tokens, types, mask: model.apply(params, None, tokens, types, mask, False))
     return make_finetune_step(model, optimizer, regression), logits_fn, optimizer
@@ -321,6 +322,7 @@ class Recipe:
     eval_batch_size: int
     pad_multiple: int
     log_every: int
+    pooling: str
 
 
 def evaluate(task: glue.Task, logits_fn, params, dev: dict, recipe: Recipe):
@@ -366,7 +368,7 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
     from tensorboardX import SummaryWriter
 
     step_fn, logits_fn, optimizer = compiled_fns(init.cfg, task.num_labels, task.labels is None,
-                                                 recipe.weight_decay, recipe.precision)
+                                                 recipe.weight_decay, recipe.precision, recipe.pooling)
     params, fresh = init_params(init.cfg, task.num_labels, init.pretrained, jax.random.PRNGKey(seed))
     loss_scale = jmp.DynamicLossScale(jnp.float32(2 ** 15)) if recipe.precision == "fp16" else jmp.NoOpLossScale()
     state = (params, optimizer.init(params), loss_scale)
@@ -439,6 +441,7 @@ def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: fl
         "config": {"lr": lr, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "max_len": recipe.max_len,
                    "warmup": recipe.warmup, "weight_decay": recipe.weight_decay, "precision": recipe.precision,
                    "seeds": [r["seed"] for r in runs], "steps": total_steps, "pad_multiple": recipe.pad_multiple,
+                   "pooling": recipe.pooling,
                    "max_train_examples": max_train_examples, "model": dataclasses.asdict(init.cfg)},
         "init": init.info, "data": data.info, "wall_seconds": time.time() - start,
     }
@@ -495,6 +498,9 @@ def parse_args(argv=None):
                    help="AdamW weight decay (default: 0.01)")
     g.add_argument("--dropout", type=common.float_in(0, 1, open_high=True),
                    help="dropout rate (default: the checkpoint's config)")
+    g.add_argument("--pooling", choices=list(bert.POOLINGS), default="cls",
+                   help="what the classifier reads: the [CLS] position (BERT's), or the mean of the real tokens' "
+                        "final states, which suits starts whose pretraining never showed [CLS] (default: cls)")
     g.add_argument("--precision", choices=list(bert.PRECISIONS),
                    help="compute dtype as in train.py; params stay fp32; fp16 adds dynamic loss scaling "
                         "(default: bf16 on GPU/TPU, fp32 on CPU)")

@@ -264,17 +264,32 @@ def mlm_model(cfg: BertConfig) -> hk.Transformed:
     return hk.transform(forward)
 
 
-def classifier_model(cfg: BertConfig, num_labels: int) -> hk.Transformed:
+POOLINGS = ("cls", "mean")
+
+
+def pool(hidden, pad_mask, pooling: str):
+    """hidden [B, T, H], pad_mask [B, T] bool -> [B, H]: the [CLS] position's state, or the mean over the real
+    tokens (pretraining cuts windows from the token stream, so it never shows [CLS]; the mean reads every token)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = pad_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+    return jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def classifier_model(cfg: BertConfig, num_labels: int, pooling: str = "cls") -> hk.Transformed:
     """apply(params, rng, tokens [B, T], token_types [B, T], pad_mask [B, T] bool, is_training)
-    -> [B, num_labels] float32 (for regression use num_labels=1). BERT's pooler: dense + tanh on [CLS]."""
+    -> [B, num_labels] float32 (for regression use num_labels=1). BERT's pooler, dense + tanh, on what pool()
+    takes: [CLS] (BERT's) or the mean of the real tokens; the same params either way."""
     if not isinstance(num_labels, int) or num_labels < 1:
         raise UserError(f"num_labels must be a positive integer, got {num_labels!r}")
+    if pooling not in POOLINGS:
+        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
     def forward(tokens, token_types, pad_mask, is_training: bool = False):
         with hk.name_scope("bert"):
             hidden, _ = _encoder(cfg, tokens, token_types, pad_mask, is_training)
             with hk.name_scope("pooler"):
-                pooled = jnp.tanh(_dense(cfg.hidden_size, "dense")(hidden[:, 0]))  # [B, H]
+                pooled = jnp.tanh(_dense(cfg.hidden_size, "dense")(pool(hidden, pad_mask, pooling)))  # [B, H]
         pooled = _dropout(pooled, cfg.dropout, is_training)
         return _dense(num_labels, "classifier")(pooled).astype(jnp.float32)
 

@@ -214,7 +214,8 @@ def glue_run(tmp_path_factory, tok_path):
     write(f"{d}/RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")  # no dev: skipped
     out = str(d / "out")
     results = ft.main(["--task", "all", "--glue_dir", str(d), "--from_scratch", "--tokenizer", tok_path,
-                       "--model", "tiny", "--lr", "1e-3", "--epochs", "3", "--seeds", "2", "--out_dir", out])
+                       "--model", "tiny", "--lr", "1e-3", "--epochs", "3", "--seeds", "2", "--pooling", "mean",
+                       "--out_dir", out])
     model.set_precision("fp32")
     return results, out, test_rows
 
@@ -223,7 +224,7 @@ def test_classification_learns_and_submission_is_right(glue_run):
     results, out, test_rows = glue_run
     assert set(results) == {"sst2", "stsb"}  # RTE lacks dev data
     sst2 = json.load(open(os.path.join(out, "SST-2.json")))
-    assert sst2["median"]["acc"] >= 0.95
+    assert sst2["median"]["acc"] >= 0.95 and sst2["config"]["pooling"] == "mean"
     assert len(sst2["seeds"]) == 2 and [len(s["epochs"]) for s in sst2["seeds"]] == [3, 3]
     assert sst2["median"]["acc"] == np.median([s["best"]["acc"] for s in sst2["seeds"]])
     lines = open(os.path.join(out, "submission", "SST-2.tsv")).read().splitlines()

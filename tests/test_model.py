@@ -199,9 +199,10 @@ def test_no_full_vocabulary_tensor_in_the_training_graph():
 # ---------------------------------------------------------------------------------------------------------
 # Attention details: padding mask and dropout.
 
-def test_padding_does_not_change_the_real_positions():
+@pytest.mark.parametrize("pooling", model.POOLINGS)
+def test_padding_does_not_change_the_real_positions(pooling):
     cfg = small_config(num_layers=2, post_ln=True)
-    c = model.classifier_model(cfg, num_labels=2)
+    c = model.classifier_model(cfg, num_labels=2, pooling=pooling)
     B, T, real = 2, 12, 7
     tokens = random_tokens(jax.random.PRNGKey(0), (B, T))
     types = jnp.concatenate([jnp.zeros((B, 4), jnp.int32), jnp.ones((B, T - 4), jnp.int32)], axis=1)
@@ -217,7 +218,8 @@ def test_padding_does_not_change_the_real_positions():
     # And the whole encoder agrees with the reference at the real positions, pad mask included.
     full_mask = jnp.broadcast_to(pad, (B, T))
     hidden, P = np_encoder(params, cfg, np.asarray(tokens), np.asarray(types), np.asarray(full_mask))
-    pooled = np.tanh(np_dense(hidden[:, 0], P["bert/pooler/dense"]))
+    chosen = hidden[:, 0] if pooling == "cls" else hidden[:, :real].mean(axis=1)  # [B, H]
+    pooled = np.tanh(np_dense(chosen, P["bert/pooler/dense"]))
     np.testing.assert_allclose(padded, np_dense(pooled, P["classifier"]), rtol=1e-5, atol=1e-5)
 
 
@@ -353,6 +355,8 @@ def test_other_user_errors():
         model.set_precision("fp8")
     with pytest.raises(UserError):
         model.classifier_model(small_config(), 0)
+    with pytest.raises(UserError, match="pooling"):
+        model.classifier_model(small_config(), 2, pooling="max")
     f = model.mlm_model(small_config(max_position=8))
     with pytest.raises(UserError, match="max_position"):
         f.init(jax.random.PRNGKey(0), jnp.zeros((1, 9), jnp.int32), jnp.zeros((1, 2), jnp.int32))
@@ -409,3 +413,4 @@ def test_weight_decay_only_on_matrices():
     assert mask["bert/layer_0/attention/query"] == {"w": True, "b": False}
     assert mask["bert/layer_0/mlp_layer_norm"] == {"scale": False, "offset": False}
     assert mask["bert/embeddings/word"]["embeddings"] and not mask["mlm_head"]["output_bias"]
+
