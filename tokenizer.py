@@ -128,12 +128,9 @@ def main() -> None:
     tok = train_tokenizer(_with_progress(documents, stats), args.vocab_size, cased=args.cased,
                           min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
     text, config = for_transformers(tok)
-    try:  # tokenizer.json last: its presence says the pair is complete
-        if settings_path:
-            common.atomic_write_json(settings_path, config)
-        common.atomic_write_bytes(args.out, text.encode())
-    except OSError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
+    # Both or neither (a full disk leaves no orphan that blocks a rerun); tokenizer.json renamed in last
+    common.atomic_write_files({**({settings_path: common.json_bytes(config)} if settings_path else {}),
+                               args.out: text.encode()})
     print(f"wrote {args.out}: vocab {tok.get_vocab_size()} (asked {args.vocab_size}), {stats['docs']} docs, "
           f"{stats['bytes'] / 1e6:.1f} MB, {stats['replaced_bytes']} undecodable bytes replaced, "
           f"{time.time() - start:.1f} s")
