@@ -122,6 +122,7 @@ def main() -> None:
                      if os.path.basename(args.out) == "tokenizer.json" else None)
     for path in filter(None, (args.out, settings_path)):
         common.check_new_file(path, args.overwrite)
+    common.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
     stats: dict = {}
     documents = corpus.require_documents(corpus.documents_from_args(args, stats), stats)
     start = time.time()
