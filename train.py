@@ -512,6 +512,25 @@ def open_log(out_dir: str, is_main: bool, start_step: int, num_devices: int) -> 
     return Log(history, writer)
 
 
+def close_log(writer, out_dir: str) -> str | None:
+    """Close the tensorboard writer; -> None, or what was lost if the disk refused its last events (a full disk
+    that also stopped a checkpoint says so itself). Then the writer is stopped all the same, so that
+    tensorboardX's own retry at exit cannot fail again with a traceback."""
+    try:
+        writer.close()
+        return None
+    except OSError as e:
+        if e.errno not in common.DISK_ERRNOS:
+            raise
+        for file_writer in (writer.all_writers or {}).values():
+            events = file_writer.event_writer
+            if not events._closed:  # tensorboardX's EventFileWriter.close, less the flush that failed
+                events._worker.stop()
+                events._closed = True
+        writer.all_writers = None
+        return f"the tensorboard log in {out_dir}/tb lacks its last events: {e.strerror}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -585,8 +604,9 @@ def main(argv: list[str] | None = None) -> dict:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
         bar.close()
-        if log.writer:
-            log.writer.close()
+        lost = close_log(log.writer, args.out_dir) if log.writer else None
+    if lost:  # the run and its checkpoints are complete
+        print(f"warning: {lost}", file=sys.stderr)
     log.history.update(skipped_steps=at.skipped_steps, compiles=train_step._cache_size())
     return log.history
 
