@@ -274,3 +274,35 @@ def test_a_full_disk_leaves_no_partial_output(root, results, mounts):
         pytest.skip(f"needs a tmpfs mount: {mounts.error}")
     assert os.listdir(os.path.join(root, "full_export")) == ["filler"]
     assert os.listdir(os.path.join(root, "full_tokenizer")) == ["filler"]
+
+
+def test_finetune_results_on_a_full_disk_are_one_line(tmp_path, mounts, tiny_tokenizer_path, monkeypatch, capsys):
+    """The disk fills up while finetune.py trains: writing its results is one error line, no traceback."""
+    import finetune
+    import glue
+
+    disk = str(tmp_path / "disk")
+    if not mounts.tmpfs(disk, "1m"):
+        pytest.skip(f"needs a tmpfs mount: {mounts.error}")
+    glue_dir = tmp_path / "glue" / "SST-2"
+    glue_dir.mkdir(parents=True)
+    rows = [("a fine river city", 1), ("the bad school team", 0)] * 8
+    for split in ("train", "dev"):
+        (glue_dir / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    (glue_dir / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{s}\n" for i, (s, _) in enumerate(rows)))
+    write_submissions = glue.write_submissions
+
+    def after_training_the_disk_is_full(*args, **kwargs):
+        fill_disk(disk)
+        return write_submissions(*args, **kwargs)
+
+    monkeypatch.setattr(glue, "write_submissions", after_training_the_disk_is_full)
+    out = os.path.join(disk, "glue")
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: finetune.main([
+            "--task", "sst2", "--glue_dir", str(tmp_path / "glue"), "--from_scratch", "--tokenizer",
+            tiny_tokenizer_path, "--model", "tiny", "--epochs", "1", "--out_dir", out]))
+    err = capsys.readouterr().err.split("\r")[-1]  # after the progress bar
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot write {out}/submission") and err.endswith(": No space left on device\n")
+    bert.set_precision("fp32")
