@@ -8,7 +8,8 @@
 A folder is complete once it has its final name: it is written under a temporary one, fsynced and renamed, so a
 reader never sees half a checkpoint. Damage after that (a truncated copy, flipped bits, an edited state.json) is
 caught by the manifest: --resume skips to the newest checkpoint that verifies, load_checkpoint (finetune.py,
-hf.py) refuses. Folders from before the manifest are checked for arrays.npz and a readable state.json only.
+hf.py) refuses. A folder without a manifest (from before manifests) is checked for arrays.npz, a well-formed
+state.json and the tokenizer.json that state.json records, no more.
 """
 import dataclasses
 import json
@@ -165,9 +166,9 @@ def file_record(path: str) -> dict:
 
 
 def damage(folder: str, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
-    """What is wrong with a checkpoint folder, or None if it is whole: its manifest's records (a folder from before
-    manifests: that arrays.npz is there), then state.json (state_problem, fields: those it must have) and the
-    tokenizer.json copy against state.json's tokenizer_sha256."""
+    """What is wrong with a checkpoint folder, or None if it is whole: its manifest and the files it records (where
+    there is one), that arrays.npz and state.json are there, state.json's contents (state_problem; fields: those it
+    must have) and the tokenizer.json copy against state.json's tokenizer_sha256."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             files = json.load(f)["files"]
