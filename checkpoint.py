@@ -8,7 +8,8 @@
 A folder is complete once it has its final name: it is written under a temporary one, fsynced and renamed, so a
 reader never sees half a checkpoint. Damage after that (a truncated copy, flipped bits, an edited state.json) is
 caught by the manifest: --resume skips to the newest checkpoint that verifies, load_checkpoint (finetune.py,
-hf.py) refuses. Folders from before the manifest are read unverified.
+hf.py) refuses. A folder without a manifest (from before manifests) is checked for arrays.npz, a well-formed
+state.json and the tokenizer.json that state.json records, no more.
 """
 import dataclasses
 import json
@@ -102,6 +103,35 @@ def run_state(*, step: int, tokens_seen: int, skipped_steps: int, cfg: bert.Bert
                 num_devices=num_devices, jax_version=jax.__version__)
 
 
+# state.json's fields and their types. Every checkpoint has LOAD_FIELDS; train.py --resume needs RESUME_FIELDS.
+STATE_TYPES = {"step": int, "tokens_seen": int, "skipped_steps": int, "config": dict, "precision": str,
+               "loss_scale": (dict, type(None)), "tokenizer_sha256": str, "args": dict}
+LOAD_FIELDS = ("step",)
+RESUME_FIELDS = tuple(STATE_TYPES)
+
+
+def state_problem(state, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
+    """What is wrong with a state.json's contents, or None: it must be an object, have `fields`, and every field
+    of STATE_TYPES it has must be of that type (counts: whole numbers >= 0; precision: one of model.py's)."""
+    if not isinstance(state, dict):
+        return f"state.json holds {type(state).__name__} {str(state)[:40]}, not a JSON object"
+    for name, kind in STATE_TYPES.items():
+        if name not in state:
+            if name in fields:
+                return f"state.json lacks {name}"
+            continue
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0) or \
+                (name == "precision" and value not in bert.PRECISIONS):
+            return f"state.json: {name} is {json.dumps(value)[:40]}, not {_KIND_WORDS[name]}"
+    return None
+
+
+_KIND_WORDS = {"step": "a whole number", "tokens_seen": "a whole number", "skipped_steps": "a whole number",
+               "config": "an object", "precision": f"one of {', '.join(bert.PRECISIONS)}",
+               "loss_scale": "an object or null", "tokenizer_sha256": "a string", "args": "an object"}
+
+
 def model_config(state: dict) -> bert.BertConfig:
     """The model a checkpoint's state.json describes."""
     try:
@@ -121,11 +151,11 @@ def checkpoint_folders(out_dir: str) -> list[str]:
             and os.path.isfile(os.path.join(out_dir, name, "state.json"))]
 
 
-def latest_checkpoint(out_dir: str, skip_damaged: bool = False) -> str | None:
-    """The newest complete checkpoint folder in out_dir; skip_damaged: the newest that verifies, saying on stderr
-    which newer ones it skipped and why."""
+def latest_checkpoint(out_dir: str, skip_damaged: bool = False, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
+    """The newest complete checkpoint folder in out_dir; skip_damaged: the newest that verifies (damage, with
+    fields), saying on stderr which newer ones it skipped and why."""
     for folder in reversed(checkpoint_folders(out_dir)):
-        if not skip_damaged or (problem := damage(folder)) is None:
+        if not skip_damaged or (problem := damage(folder, fields)) is None:
             return folder
         print(f"warning: skipped damaged checkpoint {folder}: {problem}", file=sys.stderr)
     return None
@@ -135,31 +165,56 @@ def file_record(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": common.sha256_file(path)}
 
 
-def damage(folder: str) -> str | None:
-    """What is wrong with a checkpoint folder according to its manifest, or None if it verifies."""
+def damage(folder: str, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
+    """What is wrong with a checkpoint folder, or None if it is whole: its manifest and the files it records (where
+    there is one), that arrays.npz and state.json are there, state.json's contents (state_problem; fields: those it
+    must have) and the tokenizer.json copy against state.json's tokenizer_sha256."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             files = json.load(f)["files"]
+        if not isinstance(files, dict) or not files:
+            raise TypeError(f"files is {files!r}, not a JSON object of file records")
     except FileNotFoundError:
-        return None  # written before manifests existed
+        files = None  # written before manifests existed
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({common.first_line(e)})"
-    for name, want in files.items():
+    for name, want in (files or {}).items():
         path = os.path.join(folder, name)
+        if not (isinstance(want, dict) and set(want) == {"size", "sha256"}):
+            return f"unreadable {MANIFEST} (the record of {name} is {want!r})"
         if not os.path.isfile(path):
             return f"{name} is missing"
         if (got := file_record(path)) != want:
             what = "size" if got["size"] != want["size"] else "sha256"
             return f"{name} does not match the manifest ({what} {got[what]}, written {want[what]})"
+    for name in ("arrays.npz", "state.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"{name} is missing"
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"unreadable state.json ({common.first_line(e)})"
+    if problem := state_problem(state, fields):
+        return problem
+    tokenizer = os.path.join(folder, "tokenizer.json")
+    if "tokenizer_sha256" in state and os.path.isfile(tokenizer) and \
+            (got := common.sha256_file(tokenizer)) != state["tokenizer_sha256"]:
+        return (f"tokenizer.json is not the run's tokenizer (sha256 {got}, state.json records "
+                f"{state['tokenizer_sha256']})")
     return None
 
 
-def read_state(path: str) -> dict:
+def read_state(path: str, fields: tuple[str, ...] = LOAD_FIELDS) -> dict:
+    """A checkpoint folder's state.json, checked (state_problem; fields: those it must have)."""
     try:
         with open(os.path.join(path, "state.json")) as f:
-            return json.load(f)
+            state = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read checkpoint {path}: {common.first_line(e)}") from None
+    if problem := state_problem(state, fields):
+        raise UserError(f"checkpoint {path}: {problem}")
+    return state
 
 
 def read_arrays(path: str) -> dict[str, np.ndarray]:

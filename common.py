@@ -1,5 +1,6 @@
 """Helpers that more than one script needs: user errors, flag domains, atomic writes, the tokenizer contract."""
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -133,19 +134,77 @@ def sha256_file(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see old or new, never half."""
+# What a disk, not the code, does wrong: a read-only file system or folder, a full disk or quota, a file too big.
+DISK_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@contextmanager
+def writing(path: str):
+    """Around the writing of an output: an OSError of DISK_ERRNOS becomes a one-line UserError naming path and the
+    cause; any other OSError propagates as it is (a bug, not the user's disk)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_writable_folder(folder: str) -> None:
+    """An output folder, existing or to be made, checked before any work: the nearest part of its path that exists
+    must be a folder this process may write in."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"cannot use {folder} as output folder: {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        cause = "a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "no write permission"
+        raise UserError(f"cannot write to output folder {folder}: {path} is not writable ({cause})")
+
+
+def make_folder(folder: str) -> None:
+    """os.makedirs(folder, exist_ok=True), with disk errors as UserErrors."""
+    with writing(folder):
+        os.makedirs(folder, exist_ok=True)
+
+
+def _write_tmp(path: str, data: bytes) -> str:
+    """data in a temporary name beside path, fsynced; -> that name (removed again if writing fails)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return tmp
+
+
+def atomic_write_files(files: dict[str, bytes]) -> None:
+    """Write several files all or none: each to a temporary name first (a full disk fails here, changing nothing),
+    then every one renamed into place in the order given."""
+    tmps: dict[str, str] = {}
+    try:
+        for path, data in files.items():
+            with writing(path):
+                tmps[path] = _write_tmp(path, data)
+        for path, tmp in tmps.items():
+            with writing(path):
+                os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename: readers see old or new, never half.
+    A full disk or a read-only folder is a UserError, and the old file stays."""
+    atomic_write_files({path: data})
 
 
 def fsync_dir(path: str) -> None:
@@ -161,26 +220,31 @@ def fsync_dir(path: str) -> None:
 def atomic_dir(final: str, tmp: str):
     """Build a folder under the name tmp (yielded), then fsync it and rename it to final; on any failure, tmp is
     removed and final is untouched, so a reader never sees a half-written folder. An existing final is replaced:
-    moved aside, the new one renamed in, then the old one removed."""
+    moved aside, the new one renamed in, then the old one removed. Disk errors become a UserError naming final."""
     old = f"{tmp}.old"
-    try:
-        os.makedirs(tmp)
-        yield tmp
-        fsync_dir(tmp)
-        if os.path.isdir(final):  # a rename cannot replace a folder that is not empty
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fsync_dir(os.path.dirname(os.path.abspath(final)))
-    except BaseException:
-        if os.path.isdir(old) and not os.path.exists(final):
-            os.rename(old, final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(final):
+        try:
+            os.makedirs(tmp)
+            yield tmp
+            fsync_dir(tmp)
+            if os.path.isdir(final):  # a rename cannot replace a folder that is not empty
+                os.rename(final, old)
+            os.rename(tmp, final)
+            fsync_dir(os.path.dirname(os.path.abspath(final)))
+        except BaseException:
+            if os.path.isdir(old) and not os.path.exists(final):
+                os.rename(old, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     shutil.rmtree(old, ignore_errors=True)
 
 
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def check_new_file(path: str, overwrite: bool) -> None:

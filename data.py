@@ -69,7 +69,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
     vocab_size = tok.get_vocab_size()
     sources = list(sources or [])
 
-    _check_writable_folder(out_dir)
+    common.check_writable_folder(out_dir)
     meta_path = os.path.join(out_dir, META)
     if os.path.exists(meta_path) and not overwrite:
         try:
@@ -84,10 +84,7 @@ def prepare(documents: Iterable[str], tokenizer_path: str, out_dir: str, *, val_
     if first is None:
         raise UserError(f"no documents in {', '.join(sources[:3]) or 'the input'}")
 
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
+    common.make_folder(out_dir)
     if os.path.exists(meta_path):  # overwrite: the folder must stop counting as complete before any .bin changes
         os.remove(meta_path)
         common.fsync_dir(out_dir)
@@ -227,17 +224,6 @@ def _in_thread(items: Iterator, depth: int) -> Iterator:
         thread.join()
 
 
-def _check_writable_folder(out_dir: str) -> None:
-    """out_dir must be a folder, or creatable as one, and writable: checked before any work is done."""
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise UserError(f"cannot use {out_dir} as output folder: {path} is a file")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to output folder {out_dir}: {path} is not writable")
-
-
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -293,6 +279,52 @@ def _check_count(meta_path: str, name: str, value) -> None:
         raise UserError(f"{meta_path}: {name} is {value!r}, not a whole number; rerun data.py with --overwrite")
 
 
+def find_bad_ids(tokens: np.ndarray, vocab_size: int, sample: bool = False, bar=None,
+                 chunk: int = 1 << 24) -> tuple[int, int, int] | None:
+    """Ids that no token of the vocabulary has (>= vocab_size) in a token file's memmap: None, or (how many, the
+    first one's position, its value). sample: only 64 blocks of 4096 tokens spread over the file (start-up).
+    bar: a tqdm bar advanced by the tokens read."""
+    block = 4096 if sample else chunk
+    starts = (np.unique(np.linspace(0, max(len(tokens) - block, 0), 64).astype(np.int64)) if sample
+              else range(0, len(tokens), chunk))
+    count, first = 0, None
+    for start in starts:
+        part = np.asarray(tokens[start:start + block])
+        bad = np.flatnonzero(part >= vocab_size)
+        if len(bad):
+            count += len(bad)
+            first = first or (int(start + bad[0]), int(part[bad[0]]))
+        if bar is not None:
+            bar.update(len(part))
+    return None if first is None else (count, *first)
+
+
+def bad_ids_message(path: str, vocab_size: int, found: tuple[int, int, int], sampled: bool) -> str:
+    count, position, value = found
+    return (f"{path} holds token id {value} at position {position}, not below the vocabulary size {vocab_size}"
+            + (f" ({count} such ids{' in a sample' if sampled else ''})" if count > 1 else "")
+            + ": the file is damaged or was made with another tokenizer; check it with python data.py --verify "
+              f"--out {os.path.dirname(path) or '.'} --tokenizer TOKENIZER, remake it with --overwrite")
+
+
+def verify(data_dir: str, tokenizer_path: str, progress: bool = True) -> dict:
+    """Check a data folder fully: meta.json, the files' sizes, the tokenizer it was made with, and every token id
+    below the vocabulary size. -> its meta; UserError naming the first problem."""
+    tok = common.load_tokenizer(tokenizer_path)
+    meta = load_meta(data_dir, common.sha256_file(tokenizer_path), tok.get_vocab_size())
+    for split in SPLITS:
+        path, count = os.path.join(data_dir, f"{split}.bin"), meta["splits"][split]["tokens"]
+        if count == 0:
+            continue
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(count,))
+        with tqdm(total=count, unit="tok", unit_scale=True, desc=f"verifying {split}.bin",
+                  disable=None if progress else True) as bar:
+            found = find_bad_ids(tokens, meta["vocab_size"], bar=bar)
+        if found:
+            raise UserError(bad_ids_message(path, meta["vocab_size"], found, sampled=False))
+    return meta
+
+
 class TokenReader:
     """Random contiguous windows of one split, deterministic in (seed, step): a resumed run sees the same batches."""
 
@@ -309,8 +341,10 @@ class TokenReader:
         if self.num_tokens < seq_len + 1:
             raise UserError(f"split {split} of {data_dir} has {self.num_tokens} tokens, fewer than "
                             f"seq_len + 1 = {seq_len + 1}; use more documents or a shorter sequence")
-        self.tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=self.meta["dtype"], mode="r",
-                                shape=(self.num_tokens,))
+        path = os.path.join(data_dir, f"{split}.bin")
+        self.tokens = np.memmap(path, dtype=self.meta["dtype"], mode="r", shape=(self.num_tokens,))
+        if found := find_bad_ids(self.tokens, self.vocab_size, sample=True):  # a cheap look before any work
+            raise UserError(bad_ids_message(path, self.vocab_size, found, sampled=True))
 
     def batch(self, step: int, batch_size: int, seq_len: int | None = None) -> np.ndarray:
         """[batch_size, T] int32 windows (T = seq_len, default the reader's) starting at offsets drawn from
@@ -329,6 +363,9 @@ def main() -> None:
                    help="tokenizer made by tokenizer.py (default: tokenizer.json)")
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--overwrite", action="store_true", help="replace complete data already in --out")
+    p.add_argument("--verify", action="store_true",
+                   help="write nothing: check the data in --out fully (meta.json, file sizes, made with --tokenizer, "
+                        "every token id below its vocabulary size) and exit")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val_fraction", type=common.float_in(0, 1, open_high=True), default=0.01,
                      help="put about this fraction of documents in val: document number i (0, 1, ... in reading "
@@ -342,6 +379,11 @@ def main() -> None:
     corpus.add_source_args(p)
     args = p.parse_args()
 
+    if args.verify:
+        meta = verify(args.out, args.tokenizer)
+        print(f"verified {args.out}: " + ", ".join(f"{s} {meta['splits'][s]['tokens']} tokens" for s in SPLITS)
+              + f", every id below {meta['vocab_size']}, made with {args.tokenizer}")
+        return
     stats: dict = {}
     documents = corpus.documents_from_args(args, stats)
     meta = prepare(documents, args.tokenizer, args.out, val_fraction=args.val_fraction, val_docs=args.val_docs,

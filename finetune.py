@@ -373,7 +373,8 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
     loss_scale = jmp.DynamicLossScale(jnp.float32(2 ** 15)) if recipe.precision == "fp16" else jmp.NoOpLossScale()
     state = (params, optimizer.init(params), loss_scale)
     rng, dropout_key = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1_000_003)
-    writer = SummaryWriter(log_dir)
+    with common.writing(log_dir):
+        writer = SummaryWriter(log_dir)
 
     def on_log(step, loss):
         writer.add_scalar("train/loss", loss, step)
@@ -406,7 +407,8 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
                 best, best_record = jax.tree.map(np.array, state[0]), record  # a host copy: params get donated
                 best_dev = dev_outputs
     finally:
-        writer.close()
+        with common.writing(log_dir):
+            writer.close()
     test_outputs = {f: predict(logits_fn, best, enc, recipe.eval_batch_size, recipe.pad_multiple)
                     for f, (enc, _) in data.test.items()}
     check_finite(f"{task.name} seed {seed}", {f"{f} outputs": o for f, o in test_outputs.items()})
@@ -558,10 +560,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--glue_dir {args.glue_dir} is not a folder")
     prepare_tokenizer(init.tokenizer, args.max_len)
     bert.set_precision(args.precision)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir {args.out_dir}: {e.strerror or e}") from None
+    common.check_writable_folder(args.out_dir)
+    common.make_folder(args.out_dir)
     # Read every task before training any, so that bad data stops the run at once, not hours in.
     loaded = {key: load_for_run(glue.TASKS[key], init.tokenizer, args.glue_dir, required=args.task != "all",
                                 holdout=args.holdout, skip_bad_rows=args.skip_bad_rows,

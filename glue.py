@@ -397,7 +397,7 @@ def write_submissions(task: Task, outputs: dict[str, np.ndarray], index: dict[st
     -> the paths written."""
     paths = [os.path.join(folder, file) for file in outputs]
     if paths:
-        os.makedirs(folder, exist_ok=True)
+        common.make_folder(folder)
     for path, (file, out) in zip(paths, outputs.items()):
         write_predictions(path, task, index[file], out)
     return paths

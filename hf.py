@@ -24,6 +24,7 @@ tokens that are not [PAD]; the exported position table therefore has one zero ro
 that is not padding.
 """
 import json
+import math
 import os
 import re
 
@@ -76,16 +77,32 @@ def read_config(hf_dir: str) -> tuple[bert.BertConfig, dict]:
     differ += [f"{flag} true (an encoder only)" for flag in ("is_decoder", "add_cross_attention") if raw.get(flag)]
     if differ:
         raise UserError(f"{hf_dir}: architecture differs from this BERT: {', '.join(differ)}")
-    try:
-        cfg = bert.BertConfig(
-            vocab_size=raw["vocab_size"], num_layers=raw["num_hidden_layers"], hidden_size=raw["hidden_size"],
-            num_heads=raw["num_attention_heads"], intermediate_size=raw["intermediate_size"],
-            max_position=raw.get("max_position_embeddings", 512) - _position_offset(raw),
-            type_vocab_size=raw.get("type_vocab_size", 2), post_ln=model_type == "bert",
-            layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)), dropout=float(raw.get("hidden_dropout_prob", 0.1)))
-    except KeyError as e:
-        raise UserError(f"{hf_dir}/config.json lacks {e}") from None
+    path = os.path.join(hf_dir, "config.json")
+    whole = {k: _number(raw, path, k, int, None) for k in ("vocab_size", "num_hidden_layers", "hidden_size",
+                                                            "num_attention_heads", "intermediate_size")}
+    if raw.get("pad_token_id") is not None:  # null: no padding token, as some configs say
+        _number(raw, path, "pad_token_id", int, None)
+    cfg = bert.BertConfig(
+        vocab_size=whole["vocab_size"], num_layers=whole["num_hidden_layers"], hidden_size=whole["hidden_size"],
+        num_heads=whole["num_attention_heads"], intermediate_size=whole["intermediate_size"],
+        max_position=_number(raw, path, "max_position_embeddings", int, 512) - _position_offset(raw),
+        type_vocab_size=_number(raw, path, "type_vocab_size", int, 2), post_ln=model_type == "bert",
+        layer_norm_eps=float(_number(raw, path, "layer_norm_eps", float, 1e-12)),
+        dropout=float(_number(raw, path, "hidden_dropout_prob", float, 0.1)))
     return cfg, raw
+
+
+def _number(raw: dict, path: str, key: str, kind: type, default: int | float | None):
+    """raw[key] (default if absent; None: required), checked to be a whole number (kind int) or a finite number."""
+    if key not in raw and default is not None:
+        return default
+    if key not in raw:
+        raise UserError(f"{path} lacks {key!r}")
+    value = raw[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)
+            or not math.isfinite(value)):
+        raise UserError(f"{path}: {key} is {value!r}, not " + ("a whole number" if kind is int else "a number"))
+    return value
 
 
 def _position_offset(raw: dict) -> int:
@@ -134,6 +151,9 @@ def convert_tokenizer(hf_dir: str, vocab_size: int) -> tuple[bytes, np.ndarray]:
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise UserError(f"{hf_dir}: the vocabulary lacks {', '.join(missing)}")
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                              for t in added):
+        raise UserError(f"{hf_dir}/tokenizer.json: an added_tokens entry has no 'content' string")
     outside = [t["content"] for t in added if t["content"] not in vocab]
     if outside:
         raise UserError(f"{hf_dir}: added token(s) outside the WordPiece vocabulary are not supported: {outside[:5]}")
@@ -365,6 +385,7 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise UserError(f"cannot write {out_dir}: folder {parent} does not exist")
+    common.check_writable_folder(parent)
     params, state = checkpoint.load_checkpoint(ckpt_dir)
     cfg = checkpoint.model_config(state)
     tok = common.load_tokenizer(state["tokenizer_path"])
@@ -431,10 +452,7 @@ def main() -> None:
     common.check_new_file(out, args.overwrite)
     cfg, _ = read_config(hf_dir)
     tokenizer_bytes, new_id = convert_tokenizer(hf_dir, cfg.vocab_size)
-    try:
-        common.atomic_write_bytes(out, tokenizer_bytes)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    common.atomic_write_bytes(out, tokenizer_bytes)
     print(f"wrote {out}: {len(new_id)} tokens, ids swapped (original -> ours): "
           + (", ".join(f"{old}->{new}" for old, new in enumerate(new_id) if old != new) or "none"))
 

@@ -116,6 +116,9 @@ def read_log(out_dir: str) -> dict[str, dict[int, float]]:
     names = sorted(n for n in os.listdir(folder) if "tfevents" in n) if os.path.isdir(folder) else []
     if not names:
         raise UserError(f"no tensorboard event files in {folder} (expected a train.py --out_dir with a tb/ folder)")
+    for name in names:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{os.path.join(folder, name)} is not a file (a tensorboard event file was expected)")
     files = sorted(((*read_event_file(os.path.join(folder, n)), n) for n in names),
                    key=lambda f: (f[0], f[2]))  # in the order written: first wall time, then name
     scalars = merge_runs([scalars for _, scalars, _ in files])
@@ -207,12 +210,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = args.out or args.out_dir
     if args.out and os.path.exists(out) and not os.path.isdir(out):  # at once; a bad OUT_DIR is read_log's to report
         raise UserError(f"--out {out} is a file, not a folder")
+    common.check_writable_folder(out)
     scalars = read_log(args.out_dir)
     rows = eval_rows(scalars)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e.strerror or e}") from None
+    common.make_folder(out)
     common.atomic_write_bytes(os.path.join(out, "log.md"), markdown_table(rows).encode())
     common.atomic_write_json(os.path.join(out, "log.json"), dict(source=args.out_dir, rows=rows))
     written = ["log.md", "log.json"]

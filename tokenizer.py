@@ -136,6 +136,7 @@ def main() -> None:
                      if os.path.basename(args.out) == "tokenizer.json" else None)
     for path in filter(None, (args.out, settings_path)):
         common.check_new_file(path, args.overwrite)
+    common.check_writable_folder(os.path.dirname(os.path.abspath(args.out)))
     stats: dict = {}
     documents = corpus.require_documents(corpus.documents_from_args(args, stats), stats)
     start = time.time()
@@ -143,12 +144,9 @@ def main() -> None:
                           min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet)
     size_warning = vocab_size_warning(tok, args.vocab_size, args.min_frequency)
     text, config = for_transformers(tok)
-    try:  # tokenizer.json last: its presence says the pair is complete
-        if settings_path:
-            common.atomic_write_json(settings_path, config)
-        common.atomic_write_bytes(args.out, text.encode())
-    except OSError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror or e}") from None
+    # Both or neither (a full disk leaves no orphan that blocks a rerun); tokenizer.json renamed in last
+    common.atomic_write_files({**({settings_path: common.json_bytes(config)} if settings_path else {}),
+                               args.out: text.encode()})
     print(f"wrote {args.out}: vocab {tok.get_vocab_size()} (asked {args.vocab_size}), {stats['docs']} docs, "
           f"{stats['bytes'] / 1e6:.1f} MB, {stats['replaced_bytes']} undecodable bytes replaced, "
           f"{time.time() - start:.1f} s")

@@ -244,6 +244,7 @@ class Run(NamedTuple):
     tokenizer_bytes: bytes
     flops_at: Callable[[int], float]  # training FLOPs per token at a window length
     peak_flops: float  # of one device
+    reader: data.TokenReader | None = None  # the training windows, to say what a non-finite step was fed
 
 
 class Progress(NamedTuple):
@@ -403,9 +404,9 @@ def report(p: Pending | None, at: Progress, log: Log, run: Run) -> Progress:
     if not m["finite"]:
         if run.precision != "fp16":
             last = checkpoint.latest_checkpoint(run.args.out_dir)
+            why = bad_batch(p, run) or "Try a lower --lr, longer warmup, or --precision fp32"
             raise SystemExit(f"error: loss or gradients not finite at step {p.step} (loss {m['loss']}); "
-                             f"stopped, last good checkpoint: {last}. Try a lower --lr, longer warmup, "
-                             f"or --precision fp32")
+                             f"stopped, last good checkpoint: {last}. {why}")
         at = at._replace(skipped_steps=at.skipped_steps + 1)
     for k, v in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("lr", p.lr), ("batch_size", p.batch_size),
                  ("grad_norm", m["grad_norm"]), ("loss_scale", m["loss_scale"])):
@@ -439,6 +440,22 @@ def report(p: Pending | None, at: Progress, log: Log, run: Run) -> Progress:
     return at
 
 
+def bad_batch(p: Pending, run: Run) -> str | None:
+    """What in step p's batch, read again, explains a non-finite loss other than the optimiser's settings: token
+    ids beyond the vocabulary (whose embedding rows do not exist). None if nothing."""
+    if run.reader is None:
+        return None
+    args = run.args
+    tokens = run.reader.batch(p.step - 1, p.batch_size * (args.seq_len // p.length), p.length)  # as the loop read it
+    bad = tokens[tokens >= run.cfg.vocab_size]
+    if not len(bad):
+        return None
+    tokenizer = "TOK.json" if args.init_hf else args.tokenizer
+    return (f"Its batch holds {len(bad)} token id(s) not below the vocabulary size {run.cfg.vocab_size} (such as "
+            f"{int(bad.max())}): {args.data_dir} is damaged or was made with another tokenizer; check it with "
+            f"python data.py --verify --out {args.data_dir} --tokenizer {tokenizer}")
+
+
 def evaluate(eval_step, params, windows: np.ndarray, at: Progress, log: Log, run: Run) -> None:
     """MLM loss and accuracy on the fixed evaluation windows, logged."""
     started, sums = time.perf_counter(), np.zeros(3)
@@ -466,8 +483,14 @@ def save(state: TrainState, at: Progress, log: Log, run: Run) -> None:
                                 cfg=run.cfg, precision=run.precision, loss_scale=scale, seed=run.args.seed,
                                 tokenizer_sha256=common.sha256_bytes(run.tokenizer_bytes), args=vars(run.args),
                                 num_devices=run.mesh.size)
-    path = (checkpoint.save_checkpoint(run.args.out_dir, info, arrays, run.tokenizer_bytes, run.args.keep_ckpts)
-            if run.is_main else None)
+    try:
+        path = (checkpoint.save_checkpoint(run.args.out_dir, info, arrays, run.tokenizer_bytes, run.args.keep_ckpts)
+                if run.is_main else None)
+    except UserError as e:  # a full disk: the temporary folder is gone, the earlier checkpoints stay
+        kept = checkpoint.latest_checkpoint(run.args.out_dir)
+        raise UserError(f"{e}; the checkpoint of step {at.step} is not saved, " + (
+            f"the newest one kept is {kept}: make room, then continue from it with --resume" if kept else
+            "and there is no earlier one")) from None
     log.history["checkpoints"].append(path)
     log.saved_step = at.step
     log.pause(started)
@@ -504,11 +527,31 @@ def open_log(out_dir: str, is_main: bool, start_step: int, num_devices: int) -> 
     writer = None
     if is_main:  # the only process that writes: the others never create out_dir
         from tensorboardX import SummaryWriter
-        os.makedirs(out_dir, exist_ok=True)
-        writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        common.make_folder(out_dir)
+        with common.writing(os.path.join(out_dir, "tb")):
+            writer = SummaryWriter(os.path.join(out_dir, "tb"))
     history = dict(loss=[], accuracy=[], lr=[], batch_size=[], grad_norm=[], loss_scale=[], eval=[],
                    num_devices=num_devices, start_step=start_step, checkpoints=[])
     return Log(history, writer)
+
+
+def close_log(writer, out_dir: str) -> str | None:
+    """Close the tensorboard writer; -> None, or what was lost if the disk refused its last events (a full disk
+    that also stopped a checkpoint says so itself). Then the writer is stopped all the same, so that
+    tensorboardX's own retry at exit cannot fail again with a traceback."""
+    try:
+        writer.close()
+        return None
+    except OSError as e:
+        if e.errno not in common.DISK_ERRNOS:
+            raise
+        for file_writer in (writer.all_writers or {}).values():
+            events = file_writer.event_writer
+            if not events._closed:  # tensorboardX's EventFileWriter.close, less the flush that failed
+                events._worker.stop()
+                events._closed = True
+        writer.all_writers = None
+        return f"the tensorboard log in {out_dir}/tb lacks its last events: {e.strerror}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -520,6 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_distributed(args)
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
     rows_per_micro = train_flags.check_config(args, num_devices)
+    if is_main:  # the only process that writes
+        common.check_writable_folder(args.out_dir)
     reader, cfg, tokenizer_bytes = load_data(args, resumed, is_main)
     train_flags.check_memory(cfg, jax.local_devices()[0], jax.local_device_count())
     train_flags.check_tokens_left(args, resumed)
@@ -535,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = Run(args, cfg, precision, mesh, rows_per_micro, is_main, tokenizer_bytes,
               partial(bert.flops_per_token, cfg, mask_rate=args.mask_rate,
                       decoded_fraction=1.0 if args.decode_all else None),
-              args.peak_flops or measured_peak_flops(policy.compute_dtype))
+              args.peak_flops or measured_peak_flops(policy.compute_dtype), reader)
     if args.eval_windows:
         windows = eval_windows(args, common.sha256_bytes(tokenizer_bytes), run.rows_per_micro)
         eval_step = make_eval_step(net, cfg, args.mask_rate, eval_key, mesh)
@@ -584,8 +629,9 @@ def main(argv: list[str] | None = None) -> dict:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
         bar.close()
-        if log.writer:
-            log.writer.close()
+        lost = close_log(log.writer, args.out_dir) if log.writer else None
+    if lost:  # the run and its checkpoints are complete
+        print(f"warning: {lost}", file=sys.stderr)
     log.history.update(skipped_steps=at.skipped_steps, compiles=train_step._cache_size())
     return log.history
 

@@ -187,12 +187,10 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[argparse.Names
     args = parser.parse_args(argv)
     if not args.resume:
         return args, None
-    path = checkpoint.latest_checkpoint(args.out_dir, skip_damaged=True)
+    path = checkpoint.latest_checkpoint(args.out_dir, skip_damaged=True, fields=checkpoint.RESUME_FIELDS)
     if path is None:
         raise UserError(f"--resume: no complete checkpoint in {args.out_dir}")
-    saved = checkpoint.read_state(path)
-    if not isinstance(saved.get("args"), dict):
-        raise UserError(f"--resume: {path}/state.json is not a train.py checkpoint's (it has no flags)")
+    saved = checkpoint.read_state(path, checkpoint.RESUME_FIELDS)
     seeded = {k: v for k, v in saved["args"].items() if k not in PER_PROCESS_FLAGS}
     args = parser.parse_args(argv, namespace=argparse.Namespace(**seeded))  # given flags override saved ones
     saved["changed"] = [f"--{k} {getattr(args, k)} (was {v})" for k, v in sorted(saved["args"].items())

@@ -1,4 +1,5 @@
 """checkpoint.py: flat arrays <-> pytrees, merging loaded params into a model's, atomic folders, state.json."""
+import json
 import os
 
 import jax
@@ -7,6 +8,7 @@ import optax
 import pytest
 
 import checkpoint
+import common
 from common import UserError
 from conftest import damage_checkpoint
 
@@ -102,3 +104,52 @@ def test_checkpoints_from_before_the_manifest_still_load_and_bad_zips_are_user_e
     damage_checkpoint(folder, "truncate")
     with pytest.raises(UserError, match="cannot read checkpoint"):
         checkpoint.load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("fault", ["manifest_files_empty_list", "manifest_files_null", "manifest_entry_a_string",
+                                   "state_without_step", "state_step_abc", "state_a_list", "state_an_int",
+                                   "no_manifest_no_arrays"])
+def test_bad_manifests_and_states_are_damage_that_resume_skips(tmp_path, capsys, fault):
+    out = str(tmp_path)
+    for step in (1, 2):
+        checkpoint.save_checkpoint(out, dict(step=step, tokens_seen=step), {"params/a/w": np.ones(3)}, b"tok", keep=3)
+    newest = os.path.join(out, "ckpt_00000002")
+    damage_checkpoint(newest, fault)
+    problem = checkpoint.damage(newest)
+    assert problem and problem.split()[0] in ("unreadable", "state.json", "state.json:", "arrays.npz")
+    assert checkpoint.latest_checkpoint(out, skip_damaged=True) == os.path.join(out, "ckpt_00000001")
+    err = capsys.readouterr().err
+    assert err == f"warning: skipped damaged checkpoint {newest}: {problem}\n"
+    with pytest.raises(UserError, match=f"damaged checkpoint {newest}: "):
+        checkpoint.load_checkpoint(newest)
+
+
+def test_resume_needs_the_whole_state_and_a_foreign_tokenizer_is_damage(tmp_path, capsys):
+    """A state.json without the fields --resume needs is skipped on resume only; a tokenizer.json that is not the
+    one state.json records (manifest gone, so nothing else tells) is damage everywhere."""
+    out = str(tmp_path)
+    whole = dict(step=1, tokens_seen=1, skipped_steps=0, config={}, precision="fp32", loss_scale=None,
+                 tokenizer_sha256=common.sha256_bytes(b"tok"), args={})
+    checkpoint.save_checkpoint(out, whole, {"params/a/w": np.ones(3)}, b"tok", keep=3)
+    checkpoint.save_checkpoint(out, dict(step=2, tokens_seen=2), {"params/a/w": np.ones(3)}, b"tok", keep=3)
+    assert checkpoint.latest_checkpoint(out, skip_damaged=True) == os.path.join(out, "ckpt_00000002")
+    resumable = checkpoint.latest_checkpoint(out, skip_damaged=True, fields=checkpoint.RESUME_FIELDS)
+    assert resumable == os.path.join(out, "ckpt_00000001")
+    assert "ckpt_00000002: state.json lacks skipped_steps" in capsys.readouterr().err
+    assert checkpoint.read_state(resumable, checkpoint.RESUME_FIELDS)["args"] == {}
+    json_edit(resumable, precision="fp8")  # read_state checks the fields itself, manifest or not
+    with pytest.raises(UserError, match='precision is "fp8", not one of'):
+        checkpoint.read_state(resumable)
+    folder = checkpoint.save_checkpoint(out, dict(whole, step=3), {"params/a/w": np.ones(3)}, b"tok", keep=3)
+    os.remove(os.path.join(folder, checkpoint.MANIFEST))
+    with open(os.path.join(folder, "tokenizer.json"), "wb") as f:
+        f.write(b"another tokenizer")
+    with pytest.raises(UserError, match="tokenizer.json is not the run's tokenizer"):
+        checkpoint.load_checkpoint(folder)
+
+
+def json_edit(folder: str, **fields) -> None:
+    path = os.path.join(folder, "state.json")
+    state = json.load(open(path))
+    with open(path, "w") as f:
+        json.dump({**state, **fields}, f)

@@ -10,6 +10,7 @@ import pytest
 import common
 import data
 from common import SEP_ID, UserError
+from conftest import fill_disk
 from tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,3 +260,55 @@ def test_cli_warns_of_a_validation_split_train_py_would_refuse(tmp_path, corpus,
     else:
         assert len(warnings) == 1 and warns in warnings[0] and "--eval_windows 0" in warnings[0]
         assert val_tokens < data.VAL_TOKENS_NEEDED
+
+
+# --- ids beyond the vocabulary, full disks -----------------------------------------------------------------------
+
+def test_ids_beyond_the_vocabulary_are_found_by_verify_and_sampled_by_the_reader(tmp_path, tiny_docs,
+                                                                                 tiny_tokenizer_path):
+    out = tmp_path / "data"
+    meta = data.prepare(tiny_docs * 150, tiny_tokenizer_path, str(out), val_docs=20, progress=False)
+    result = run_cli("--verify", "--out", out, "--tokenizer", tiny_tokenizer_path)
+    assert result.returncode == 0 and f"every id below {meta['vocab_size']}" in result.stdout, result.stderr
+    data.TokenReader(str(out), "train", seq_len=8, seed=0)
+    tokens = np.memmap(out / "train.bin", dtype=meta["dtype"], mode="r+")
+    n = len(tokens)
+    assert n > 2 * 64 * 4096  # the sample reads part of the file, verify all of it
+    far = next(i for i in range(n // 2, n) if all(not s <= i < s + 4096 for s in
+                                                  np.linspace(0, n - 4096, 64).astype(int)))
+    tokens[far] = meta["vocab_size"]  # one bad id outside every sampled block: only --verify finds it
+    tokens.flush()
+    data.TokenReader(str(out), "train", seq_len=8, seed=0)
+    assert_user_error(run_cli("--verify", "--out", out, "--tokenizer", tiny_tokenizer_path),
+                      f"train.bin holds token id {meta['vocab_size']} at position {far}, not below the vocabulary")
+    tokens[0] = tokens[n - 1] = 65535  # where the sample looks
+    tokens.flush()
+    with pytest.raises(UserError, match=r"holds token id 65535 at position 0, .* \(2 such ids in a sample\)"):
+        data.TokenReader(str(out), "train", seq_len=8, seed=0)
+    assert "(3 such ids)" in run_cli("--verify", "--out", out, "--tokenizer", tiny_tokenizer_path).stderr
+
+
+@pytest.fixture()
+def small_disk(tmp_path, mounts):
+    folder = str(tmp_path / "disk")
+    if not mounts.tmpfs(folder, "1m"):
+        pytest.skip(f"needs a tmpfs mount: {mounts.error}")
+    return folder
+
+
+def test_a_full_disk_at_meta_json_is_one_line_and_leaves_no_complete_data(small_disk, tiny_docs,
+                                                                          tiny_tokenizer_path, monkeypatch, capsys):
+    write_splits = data._write_splits
+
+    def then_the_disk_is_full(*args, **kwargs):
+        written = write_splits(*args, **kwargs)
+        fill_disk(small_disk)
+        return written
+
+    monkeypatch.setattr(data, "_write_splits", then_the_disk_is_full)
+    out = os.path.join(small_disk, "data")
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: data.prepare(tiny_docs, tiny_tokenizer_path, out, progress=False))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write {out}/meta.json: No space left on device\n"
+    assert sorted(os.listdir(out)) == ["train.bin", "val.bin"]  # no meta.json: no reader accepts the folder

@@ -141,6 +141,11 @@ def edit(fn):
     return apply
 
 
+# The parts of a transformers BERT tokenizer.json that hf.py reads, with the fixture's vocabulary.
+BERT_TOKENIZER_JSON = {"model": {"type": "WordPiece", "vocab": {line.rstrip("\n"): i for i, line in enumerate(
+    open(os.path.join(FIXTURE, "vocab.txt")))}}, "normalizer": {"type": "BertNormalizer"},
+    "pre_tokenizer": {"type": "BertPreTokenizer"}, "added_tokens": []}
+
 BAD = {
     "missing tensor": (dict(tensors=edit(lambda t: t.pop("bert.encoder.layer.1.output.dense.weight"))),
                        "tensor bert.encoder.layer.1.output.dense.weight is missing"),
@@ -163,6 +168,16 @@ BAD = {
     "special name": (dict(files={"tokenizer_config.json": json.dumps({"mask_token": "<mask>"})}),
                      "mask_token is '<mask>'"),
     "no tokenizer": (dict(drop=["vocab.txt"]), "has no tokenizer.json and no vocab.txt"),
+    "positions a string": (dict(config={"max_position_embeddings": "64"}),
+                           "config.json: max_position_embeddings is '64', not a whole number"),
+    "positions null": (dict(config={"max_position_embeddings": None}),
+                       "config.json: max_position_embeddings is None, not a whole number"),
+    "epsilon a word": (dict(config={"layer_norm_eps": "tiny"}), "config.json: layer_norm_eps is 'tiny', not a number"),
+    "dropout a word": (dict(config={"hidden_dropout_prob": "high"}),
+                       "config.json: hidden_dropout_prob is 'high', not a number"),
+    "pad id a word": (dict(config={"pad_token_id": "x"}), "config.json: pad_token_id is 'x', not a whole number"),
+    "added token without content": (dict(files={"tokenizer.json": json.dumps(BERT_TOKENIZER_JSON | {
+        "added_tokens": [{"id": 0, "special": True}]})}), "an added_tokens entry has no 'content'"),
     "torch only": (dict(drop=["model.safetensors"], files={"pytorch_model.bin": "x"}),
                    "cannot be read without torch; convert it to safetensors once .*torch.load"),
 }

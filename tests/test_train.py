@@ -35,7 +35,7 @@ import tokenizer  # noqa: E402
 import train  # noqa: E402
 import train_flags  # noqa: E402
 from common import UserError  # noqa: E402
-from conftest import damage_checkpoint  # noqa: E402
+from conftest import damage_checkpoint, fill_disk  # noqa: E402
 
 PHRASES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
            "all that glitters is not gold", "the early bird catches the worm", "actions speak louder than words",
@@ -266,7 +266,7 @@ def test_resume_repeats_the_uninterrupted_run(run, corpus, tmp_path):
         train.main(run_flags(corpus, out))
 
 
-@pytest.mark.parametrize("fault", ["truncate", "bitflip", "empty_state"])
+@pytest.mark.parametrize("fault", ["truncate", "bitflip", "empty_state", "no_manifest_no_arrays", "state_step_abc"])
 def test_resume_skips_a_damaged_checkpoint(run, tmp_path, capsys, fault):
     """The newest checkpoint damaged after it was written: --resume names it, takes the one before, and ends with
     the uninterrupted run's weights."""
@@ -376,6 +376,58 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, cache_
     assert sorted(os.listdir(out)) == ["ckpt_00000001", "tb"]
     params, state = checkpoint.load_checkpoint(str(out))
     assert state["step"] == 1 and all(np.isfinite(x).all() for m in params.values() for x in m.values())
+
+
+def test_ids_beyond_the_vocabulary_are_named_when_the_loss_is_not_finite(corpus, cache_dir, tmp_path, monkeypatch):
+    """A bad id in train.bin that the start-up sample missed: the stop names it and gives no --lr advice."""
+    bad = tmp_path / "data"
+    shutil.copytree(corpus["data"], bad)
+    tokens = np.fromfile(bad / "train.bin", np.uint16)
+    offsets = np.random.default_rng([0, 1]).integers(0, len(tokens) - SEQ_LEN + 1, size=16)  # the second step's
+    tokens[offsets[0] + 3] = 60000
+    tokens.tofile(bad / "train.bin")
+    sampled = data.find_bad_ids
+    monkeypatch.setattr(data, "find_bad_ids", lambda tokens, vocab_size, sample=False, **kw:  # the sample missed it
+                        None if sample else sampled(tokens, vocab_size, **kw))
+    with pytest.raises(SystemExit) as e:
+        train.main(run_flags(corpus, tmp_path / "out", "--data_dir", str(bad), "--eval_windows", "0",
+                             "--max_tokens", "1024"))
+    message = str(e.value.code)
+    assert "not finite at step" in message and "not below the vocabulary size" in message and "60000" in message
+    assert f"python data.py --verify --out {bad}" in message and "--lr" not in message
+
+
+def test_a_full_disk_at_the_last_checkpoint_keeps_the_one_before(corpus, cache_dir, tmp_path, mounts, monkeypatch,
+                                                                capsys):
+    """The disk fills up before the final checkpoint: one line says what was kept, the temporary folder is gone,
+    and once there is room again --resume finishes the run."""
+    disk = str(tmp_path / "disk")
+    if not mounts.tmpfs(disk, "64m"):
+        pytest.skip(f"needs a tmpfs mount: {mounts.error}")
+    out = os.path.join(disk, "out")
+    saves = []
+    save_checkpoint = checkpoint.save_checkpoint
+
+    def second_fills_the_disk(*args, **kwargs):
+        saves.append(args[1]["step"])
+        if len(saves) == 2:
+            fill_disk(disk)
+        return save_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", second_fills_the_disk)
+    flags = run_flags(corpus, out, "--max_tokens", "4096", "--ckpt_every", "2048", "--eval_windows", "0")
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: train.main(flags))
+    err = capsys.readouterr().err
+    first, last = saves
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot write {out}/ckpt_{last:08d}: No space left on device; the checkpoint of "
+                          f"step {last} is not saved, the newest one kept is {out}/ckpt_{first:08d}: make room")
+    assert sorted(os.listdir(out)) == [f"ckpt_{first:08d}", "tb"]  # no temporary folder left
+    os.remove(os.path.join(disk, "filler"))
+    monkeypatch.undo()
+    history = train.main(["--out_dir", out, "--resume"])
+    assert history["start_step"] == first and checkpoint.read_state(checkpoint.latest_checkpoint(out))["step"] == last
 
 
 def test_sigterm_writes_a_checkpoint(run, corpus, cache_dir, tmp_path):
