@@ -10,6 +10,9 @@ reader never sees half a checkpoint. Damage after that (a truncated copy, flippe
 caught by the manifest: --resume skips to the newest checkpoint that verifies, load_checkpoint (finetune.py,
 hf.py) refuses. A folder without a manifest (from before manifests) is checked for arrays.npz, a well-formed
 state.json and the tokenizer.json that state.json records, no more.
+
+Also finetune.py's model folders (<TASK>.model/: the finetuned classifier, for predict.py and hf.py --export),
+verified by their manifest in the same way, with model.json in place of state.json; see the section at the end.
 """
 import dataclasses
 import json
@@ -165,10 +168,14 @@ def file_record(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": common.sha256_file(path)}
 
 
-def damage(folder: str, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
-    """What is wrong with a checkpoint folder, or None if it is whole: its manifest and the files it records (where
-    there is one), that arrays.npz and state.json are there, state.json's contents (state_problem; fields: those it
-    must have) and the tokenizer.json copy against state.json's tokenizer_sha256."""
+def write_manifest(folder: str) -> None:
+    """manifest.json, written last: the size and sha256 of every file the folder holds."""
+    common.atomic_write_json(os.path.join(folder, MANIFEST), {"files": {
+        name: file_record(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}})
+
+
+def manifest_damage(folder: str) -> str | None:
+    """What is wrong with a folder according to its manifest.json, or None if it verifies or has none."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             files = json.load(f)["files"]
@@ -187,6 +194,15 @@ def damage(folder: str, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
         if (got := file_record(path)) != want:
             what = "size" if got["size"] != want["size"] else "sha256"
             return f"{name} does not match the manifest ({what} {got[what]}, written {want[what]})"
+    return None
+
+
+def damage(folder: str, fields: tuple[str, ...] = LOAD_FIELDS) -> str | None:
+    """What is wrong with a checkpoint folder, or None if it is whole: its manifest and the files it records (where
+    there is one), that arrays.npz and state.json are there, state.json's contents (state_problem; fields: those it
+    must have) and the tokenizer.json copy against state.json's tokenizer_sha256."""
+    if problem := manifest_damage(folder):
+        return problem
     for name in ("arrays.npz", "state.json"):
         if not os.path.isfile(os.path.join(folder, name)):
             return f"{name} is missing"
@@ -257,8 +273,7 @@ def save_checkpoint(out_dir: str, state: dict, arrays: dict[str, np.ndarray], to
         write_arrays(os.path.join(tmp, "arrays.npz"), arrays)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
         common.atomic_write_json(os.path.join(tmp, "state.json"), state)
-        common.atomic_write_json(os.path.join(tmp, MANIFEST), {"files": {  # every file written above
-            name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}})
+        write_manifest(tmp)
     complete = sorted(name for name in os.listdir(out_dir) if CKPT_RE.match(name))
     for name in complete[:-keep]:  # renamed first, so that a half-deleted folder never looks complete
         os.rename(os.path.join(out_dir, name), os.path.join(out_dir, f"{TMP_PREFIX}old.{name}"))
@@ -273,3 +288,115 @@ def write_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune.py's model folders: the finetuned classifier it reports, for predict.py and hf.py --export
+#
+#     SST-2.model/arrays.npz      the classifier's params ("params/bert/...", "params/classifier/w", ...)
+#     SST-2.model/model.json      task, label names (null: a regression score), pooling, max_len, precision, the
+#                                 model config, and where the weights came from (seed, epoch, dev metrics, lr, init)
+#     SST-2.model/tokenizer.json  the tokenizer it was finetuned with
+#     SST-2.model/manifest.json   written last: each file's size and sha256
+
+MODEL_FORMAT = 1
+MODEL_JSON = "model.json"
+MODEL_FILES = ("arrays.npz", MODEL_JSON, "tokenizer.json", MANIFEST)
+
+
+@dataclasses.dataclass
+class Classifier:
+    cfg: bert.BertConfig
+    params: dict  # {module: {name: float32 np.ndarray}} of model.classifier_model(cfg, num_labels, pooling)
+    task: str  # GLUE's spelling (SST-2)
+    labels: list[str] | None  # label name per class id; None: one regression score
+    pooling: str
+    max_len: int  # tokens per example it was finetuned with
+    precision: str
+    info: dict  # model.json as written
+    tokenizer_path: str
+    path: str
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+def is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MODEL_JSON))
+
+
+def check_model_folder_target(folder: str, overwrite: bool) -> None:
+    """An output model folder: new, or with overwrite one that holds only a model folder's files."""
+    if not os.path.lexists(folder):
+        return
+    if not overwrite:
+        raise UserError(f"{folder} already exists; pass --overwrite to replace it")
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} is a file, not a model folder finetune.py wrote")
+    other = sorted(set(os.listdir(folder)) - set(MODEL_FILES))
+    if other:
+        raise UserError(f"{folder} holds {other[0]}, which a model folder does not; --overwrite replaces only a "
+                        "model folder finetune.py wrote")
+
+
+def save_model_folder(folder: str, params: dict, info: dict, tokenizer_bytes: bytes) -> None:
+    """Write a model folder atomically (temp folder, fsync, rename; an existing one is replaced). info: model.json,
+    which must hold task, labels, pooling, max_len, precision and config (BertConfig fields)."""
+    folder = folder.rstrip("/") or folder
+    with common.atomic_dir(folder, f"{folder}.tmp.{os.getpid()}") as tmp:
+        write_arrays(os.path.join(tmp, "arrays.npz"), flatten(params, "params"))
+        common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_bytes)
+        common.atomic_write_json(os.path.join(tmp, MODEL_JSON), {"format": MODEL_FORMAT, **info})
+        write_manifest(tmp)
+
+
+def load_model_folder(path: str) -> Classifier:
+    """A model folder finetune.py saved, verified against its manifest; anything else is a UserError."""
+    what = "a model folder finetune.py saved (<out_dir>/<TASK>.model)"
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is not a folder (expected {what})")
+    if not is_model_folder(path):
+        raise UserError(f"{path} has no {MODEL_JSON}: not {what}")
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise UserError(f"damaged model folder {path}: {MANIFEST} is missing")
+    if problem := manifest_damage(path):
+        raise UserError(f"damaged model folder {path}: {problem}")
+    try:
+        with open(os.path.join(path, MODEL_JSON)) as f:
+            info = json.load(f)
+        labels, pooling, max_len = info["labels"], info["pooling"], info["max_len"]
+        cfg = bert.BertConfig(**info["config"])
+        if not isinstance(info["task"], str) or not isinstance(info["precision"], str):
+            raise TypeError("task and precision must be strings")
+        if labels is not None and (not isinstance(labels, list) or not labels
+                                   or not all(isinstance(x, str) for x in labels)):
+            raise TypeError(f"labels must be a list of names or null, got {labels!r}")
+        if pooling not in bert.POOLINGS:
+            raise TypeError(f"pooling must be one of {', '.join(bert.POOLINGS)}, got {pooling!r}")
+        if not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_position:
+            raise TypeError(f"max_len must be an integer in [2, {cfg.max_position}], got {max_len!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"model folder {path}: unreadable {MODEL_JSON} ({common.first_line(e)})") from None
+    except UserError as e:
+        raise UserError(f"model folder {path}: {MODEL_JSON}: {e}") from None
+    arrays = read_arrays(path)
+    num_labels = 1 if labels is None else len(labels)
+    tokens = np.zeros((1, 2), np.int32)
+    template = jax.eval_shape(bert.classifier_model(cfg, num_labels, pooling).init, jax.random.PRNGKey(0),
+                              tokens, tokens, tokens > 0)
+    params: dict = {}
+    for module, leaves in template.items():
+        for name, leaf in leaves.items():
+            key = f"params/{module}/{name}"
+            if key not in arrays:
+                raise UserError(f"model folder {path}: arrays.npz lacks {key}, which its {MODEL_JSON} implies")
+            if arrays[key].shape != tuple(leaf.shape):
+                raise UserError(f"model folder {path}: {key} has shape {arrays[key].shape}, its {MODEL_JSON} "
+                                f"({num_labels} label(s), hidden size {cfg.hidden_size}) implies {tuple(leaf.shape)}")
+            params.setdefault(module, {})[name] = np.asarray(arrays[key], np.float32)
+    extra = sorted(set(arrays) - {f"params/{m}/{n}" for m, leaves in template.items() for n in leaves})
+    if extra:
+        raise UserError(f"model folder {path}: arrays.npz holds {extra[0]}, which its {MODEL_JSON}'s model lacks")
+    return Classifier(cfg, params, info["task"], labels, pooling, max_len, info["precision"], info,
+                      os.path.join(path, "tokenizer.json"), path)

@@ -10,12 +10,18 @@ Without --glue_dir the data comes from the Hugging Face Hub (nyu-mll/glue). --gl
 TSV layout (download_glue_data.py): DIR/CoLA/train.tsv, DIR/MNLI/dev_matched.tsv, DIR/diagnostic/diagnostic.tsv...
 Outputs in --out_dir: <TASK>.json (metrics per epoch and seed, medians, config), <TASK>.dev.tsv (index, prediction,
 label per dev row; MNLI.dev_m.tsv, MNLI.dev_mm.tsv), submission/<TASK>.tsv (zip the submission folder to submit),
-tb/ (tensorboardX scalars), and for --task all glue.json with the GLUE table. Prediction files are the median
-seed's; STS-B scores are clipped to [0, 5] in them and in the dev metrics.
+tb/ (tensorboardX scalars), <TASK>.model/ (the finetuned classifier, for predict.py and hf.py --export; not with
+--no_save), and for --task all glue.json with the GLUE table. Prediction files and the model are the median seed's
+best epoch; STS-B scores are clipped to [0, 5] in them and in the dev metrics. Outputs of an earlier run are
+refused before anything trains, unless --overwrite.
+
+    python finetune.py --task sst2 --init out --lr 1e-4,3e-4,1e-3 --seeds 3   # a grid: best median dev score wins
+    python finetune.py --task sst2 --init_hf CLASSIFIER_DIR --eval_only         # a transformers classifier, as it is
 """
 import dataclasses
 import functools
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,6 +56,7 @@ class Encoded:
     ids: np.ndarray  # [N, max_len] int32, zero ([PAD]) after each row's length
     types: np.ndarray  # [N, max_len] int8 token types (0 = sentence A, 1 = sentence B)
     lengths: np.ndarray  # [N] int32
+    truncated: np.ndarray | None = None  # [N] bool: the row was longer than max_len and cut
 
 
 def prepare_tokenizer(tok: Tokenizer, max_len: int) -> Tokenizer:
@@ -67,14 +74,16 @@ def encode(tok: Tokenizer, examples: glue.Examples, max_len: int, chunk: int = 2
     ids = np.zeros((n, max_len), np.int32)
     types = np.zeros((n, max_len), np.int8)
     lengths = np.zeros(n, np.int32)
+    truncated = np.zeros(n, bool)
     for start in tqdm(range(0, n, chunk), desc="tokenising", leave=False, disable=n <= chunk):
         a = examples.text_a[start:start + chunk]
         inputs = a if examples.text_b is None else list(zip(a, examples.text_b[start:start + chunk]))
         for i, e in enumerate(tok.encode_batch(inputs), start=start):
             lengths[i] = len(e.ids)
+            truncated[i] = bool(e.overflowing)
             ids[i, :len(e.ids)] = e.ids
             types[i, :len(e.ids)] = e.type_ids
-    return Encoded(ids, types, lengths)
+    return Encoded(ids, types, lengths, truncated)
 
 
 def padded_length(length: int, multiple: int, max_len: int) -> int:
@@ -194,6 +203,12 @@ def make_finetune_step(model: hk.Transformed, optimizer: optax.GradientTransform
     return step
 
 
+def make_logits_fn(cfg: bert.BertConfig, num_labels: int, pooling: str):
+    """jitted (params, tokens, types, mask) -> logits [B, num_labels] float32, without dropout (for predict())."""
+    model = bert.classifier_model(cfg, num_labels, pooling)
+    return jax.jit(lambda params, tokens, types, mask: model.apply(params, None, tokens, types, mask, False))
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_fns(cfg: bert.BertConfig, num_labels: int, regression: bool, weight_decay: float, precision: str,
                  pooling: str = "cls"):
@@ -202,8 +217,7 @@ def compiled_fns(cfg: bert.BertConfig, num_labels: int, regression: bool, weight
     of the key because tracing reads the haiku policy that set_precision installed."""
     model = bert.classifier_model(cfg, num_labels, pooling)
     optimizer = bert.make_optimizer(weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
-    logits_fn = jax.jit(lambda params, tokens, types, mask: model.apply(params, None, tokens, types, mask, False))
-    return make_finetune_step(model, optimizer, regression), logits_fn, optimizer
+    return make_finetune_step(model, optimizer, regression), make_logits_fn(cfg, num_labels, pooling), optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,18 +230,22 @@ class Init:
     pretrained: dict | None  # haiku params {module: {name: array}} of the checkpoint; None = from scratch
     tokenizer: Tokenizer
     info: dict  # what the results JSON records about the start point
+    # --init_hf of a ...ForSequenceClassification folder: its classifier params, label names (id2label) and
+    # problem_type, for --eval_only (training starts a new classifier)
+    head: dict | None = None
 
 
 def load_init(*, init: str | None = None, init_hf: str | None = None, from_scratch: bool = False,
-              tokenizer: str | None = None, model: str | None = None, dropout: float | None = None) -> Init:
+              tokenizer: str | None = None, model: str | None = None, dropout: float | None = None,
+              eval_only: bool = False) -> Init:
     """The start point from the flags of the same names: a train.py checkpoint (init, by default DEFAULT_INIT
     if that folder exists), a Hugging Face BERT folder (init_hf) or random weights (from_scratch, with tokenizer
-    and model). dropout: None keeps the checkpoint's."""
+    and model). dropout: None keeps the checkpoint's. eval_only: no notes about a new classifier."""
     overrides = {} if dropout is None else {"dropout": dropout}
     if sum(map(bool, (init, init_hf, from_scratch))) > 1:
         raise UserError("give only one of --init DIR, --init_hf DIR and --from_scratch")
     if init_hf:
-        return load_init_hf(init_hf, overrides, model, tokenizer)
+        return load_init_hf(init_hf, overrides, model, tokenizer, eval_only)
     if from_scratch:
         if not tokenizer or not model:
             raise UserError("--from_scratch needs --tokenizer FILE and --model PRESET (random weights)")
@@ -262,18 +280,53 @@ def load_init(*, init: str | None = None, init_hf: str | None = None, from_scrat
     return Init(cfg, params, tok, info)
 
 
-def load_init_hf(hf_dir: str, overrides: dict, model: str | None, tokenizer: str | None) -> Init:
+def load_init_hf(hf_dir: str, overrides: dict, model: str | None, tokenizer: str | None,
+                 eval_only: bool = False) -> Init:
     """--init_hf: a Hugging Face BERT folder with its tokenizer converted by hf.py; every task trains a new
-    classifier (the folder's own, if any, has its own labels)."""
+    classifier (the folder's own, if any, is kept in Init.head for --eval_only, which scores it as it is)."""
     if model or tokenizer:
         raise UserError("--init_hf takes the model and its tokenizer from the folder; drop --model and --tokenizer")
     cfg, params, tokenizer_bytes, info = hf.load_hf(hf_dir)
-    if params.pop("classifier", None) is not None:
-        print(f"note: {hf_dir}: its classifier ({info['num_labels']} labels) is not used")
-    fresh = ["bert/pooler/dense"] * ("bert/pooler/dense" not in params) + ["classifier"]
-    print(f"note: {hf_dir}: initialised fresh for each task: {', '.join(fresh)}")
-    info = {"init_hf": info["source"], "tokenizer_sha256": common.sha256_bytes(tokenizer_bytes)}
-    return Init(dataclasses.replace(cfg, **overrides), params, Tokenizer.from_str(tokenizer_bytes.decode()), info)
+    head = None
+    if "classifier" in params:
+        head = {"classifier": params.pop("classifier"), "labels": info["id2label"],
+                "problem_type": info["problem_type"]}
+    if not eval_only:
+        if head is not None:
+            print(f"note: {hf_dir}: its classifier ({info['num_labels']} labels) is not used (--eval_only scores it)")
+        fresh = ["bert/pooler/dense"] * ("bert/pooler/dense" not in params) + ["classifier"]
+        print(f"note: {hf_dir}: initialised fresh for each task: {', '.join(fresh)}")
+    summary = {"init_hf": info["source"], "tokenizer_sha256": common.sha256_bytes(tokenizer_bytes)}
+    return Init(dataclasses.replace(cfg, **overrides), params, Tokenizer.from_str(tokenizer_bytes.decode()), summary,
+                head)
+
+
+def eval_only_params(task: glue.Task, init: Init) -> dict:
+    """--eval_only: the --init_hf folder's whole classifier as it is, checked against the task (labels, count)."""
+    source = init.info.get("init_hf")
+    if source is None or init.head is None:
+        raise UserError("--eval_only scores a finetuned classifier as it is: give --init_hf DIR of a transformers "
+                        "...ForSequenceClassification folder (for example one that hf.py --export wrote)")
+    names, problem = init.head["labels"], init.head["problem_type"]
+    if len(names) != task.num_labels:
+        raise UserError(f"{source}: its classifier has {len(names)} label(s) ({', '.join(names)}), {task.name} has "
+                        f"{task.num_labels}: a model of another task")
+    if problem is not None and (problem == "regression") != (task.labels is None):
+        raise UserError(f"{source}: its problem_type is {problem!r}, {task.name} is "
+                        + ("a regression task" if task.labels is None else "a classification task"))
+    generic = names == [f"LABEL_{i}" for i in range(len(names))]
+    if task.hf_label_names and not generic and names != list(task.hf_label_names):
+        raise UserError(f"{source}: its labels ({', '.join(names)}) are not {task.name}'s "
+                        f"({', '.join(task.hf_label_names)}): a model of another task")
+    if task.hf_label_names and generic:
+        print(f"note: {source}: labels {', '.join(names)} taken to be {task.name}'s "
+              f"{', '.join(task.hf_label_names)}, in that order")
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    fresh = _jitted_init(init.cfg, task.num_labels)(jax.random.PRNGKey(0), tokens, tokens, jnp.ones((1, 2), bool))
+    everything = {f"{m}/{n}" for m, leaves in fresh.items() for n in leaves}
+    merged, _ = checkpoint.merge_params(fresh, {**init.pretrained, "classifier": init.head["classifier"]}, source,
+                                        everything, notes=False)
+    return jax.tree.map(jnp.asarray, merged)
 
 
 @functools.lru_cache(maxsize=None)
@@ -363,8 +416,10 @@ def check_finite(where: str, values: dict) -> None:
         raise UserError(f"{where}: {' and '.join(bad)} not finite, so no result is written; try a lower --lr")
 
 
-def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed: int, lr_fn, log_dir: str) -> dict:
-    """Finetune from init with one seed; evaluate on dev after each epoch; predict test with the best epoch."""
+def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed: int, lr_fn, log_dir: str,
+               keep_params: bool = False) -> dict:
+    """Finetune from init with one seed; evaluate on dev after each epoch; predict test with the best epoch.
+    keep_params: the result holds that epoch's params too (host arrays), for saving."""
     from tensorboardX import SummaryWriter
 
     step_fn, logits_fn, optimizer = compiled_fns(init.cfg, task.num_labels, task.labels is None,
@@ -414,21 +469,73 @@ def train_seed(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, seed
     check_finite(f"{task.name} seed {seed}", {f"{f} outputs": o for f, o in test_outputs.items()})
     return {"seed": seed, "epochs": epochs, "best_epoch": best_record["epoch"], "best": best_record["dev"],
             "best_score": best_record["score"], "new_params": fresh, "test_outputs": test_outputs,
-            "dev_outputs": best_dev}
+            "dev_outputs": best_dev, **({"params": best} if keep_params else {})}
 
 
-def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: float, seeds: list[int],
-             out_dir: str, max_train_examples: int = 0) -> dict:
-    """Every seed of one task -> the results dict (also written to out_dir/<TASK>.json) and submission files.
-    max_train_examples: only recorded (data holds the rows already cut)."""
+def score_as_is(task: glue.Task, init: Init, data: TaskData, recipe: Recipe) -> dict:
+    """--eval_only: the --init_hf folder's own classifier scored on dev and run on test, without training; the
+    same result fields as train_seed (one 'epoch' 0)."""
+    params = eval_only_params(task, init)
+    logits_fn = make_logits_fn(init.cfg, task.num_labels, recipe.pooling)
     start = time.time()
-    total_steps = -(-len(data.train.lengths) // recipe.batch_size) * recipe.epochs
-    lr_fn = functools.partial(finetune_lr, lr=lr, total_steps=total_steps,
-                              warmup_steps=round(recipe.warmup * total_steps))
-    runs = [train_seed(task, init, data, recipe, seed, lr_fn, os.path.join(out_dir, "tb", task.name, f"seed{seed}"))
-            for seed in seeds]
-    # Prediction files come from the median seed (by its best dev score; the upper one of two middles).
-    chosen = sorted(runs, key=lambda r: (r["best_score"], r["seed"]))[len(runs) // 2]
+    metrics, dev_outputs = evaluate(task, logits_fn, params, data.dev, recipe)
+    record = {"epoch": 0, "steps": 0, "dev": metrics, "score": glue.task_score(metrics),
+              "seconds": time.time() - start}
+    print(f"{task.name} as it is (--eval_only): dev " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()),
+          flush=True)
+    test_outputs = {f: predict(logits_fn, params, enc, recipe.eval_batch_size, recipe.pad_multiple)
+                    for f, (enc, _) in data.test.items()}
+    return {"seed": None, "epochs": [record], "best_epoch": 0, "best": metrics, "best_score": record["score"],
+            "new_params": [], "test_outputs": test_outputs, "dev_outputs": dev_outputs,
+            "params": jax.tree.map(np.asarray, params)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The median seed's run, by its best dev score (the upper one of two middles)."""
+    return sorted(runs, key=lambda r: (r["best_score"], r["seed"]))[len(runs) // 2]
+
+
+def median_score(runs: list[dict]) -> float:
+    return statistics.median(r["best_score"] for r in runs)
+
+
+def run_summary(runs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("test_outputs", "dev_outputs", "params")} for r in runs]
+
+
+def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lrs: list[float], seeds: list[int],
+             out_dir: str, max_train_examples: int = 0, save: bool = True, eval_only: bool = False) -> dict:
+    """Every seed of one task at each learning rate of lrs -> the results dict (also written to
+    out_dir/<TASK>.json), the dev prediction and submission files, and with save the model folder <TASK>.model.
+
+    Several rates (a grid): each runs every seed; the rate whose median dev score is highest wins (the first
+    listed of equals), so it is chosen on dev and its dev numbers are optimistic. Every file comes from one run:
+    the winning rate's median seed, at its best epoch. eval_only: no training; the --init_hf folder's classifier
+    is scored as it is (lrs and seeds unused). max_train_examples: only recorded (data holds the rows already cut).
+    """
+    start = time.time()
+    total_steps = 0 if eval_only else -(-len(data.train.lengths) // recipe.batch_size) * recipe.epochs
+    grid = []  # (lr, runs, the median run) per rate
+    if eval_only:
+        runs = [score_as_is(task, init, data, recipe)]
+        grid.append((None, runs, runs[0]))
+    for lr in [] if eval_only else lrs:
+        lr_fn = functools.partial(finetune_lr, lr=lr, total_steps=total_steps,
+                                  warmup_steps=round(recipe.warmup * total_steps))
+        log_dir = os.path.join(out_dir, "tb", task.name, *([f"lr{lr:g}"] if len(lrs) > 1 else []))
+        runs = [train_seed(task, init, data, recipe, seed, lr_fn, os.path.join(log_dir, f"seed{seed}"), save)
+                for seed in seeds]
+        chosen = median_run(runs)
+        for r in runs:
+            if r is not chosen:
+                r.pop("params", None)  # only the median seed's weights can be saved
+        grid.append((lr, runs, chosen))
+        if len(lrs) > 1:
+            print(f"{task.name} lr {lr:g}: median dev score over {len(runs)} seed(s) "
+                  f"{100 * median_score(runs):.2f}", flush=True)
+    scores = [median_score(runs) for _, runs, _ in grid]
+    win = max(range(len(grid)), key=lambda i: (scores[i] if np.isfinite(scores[i]) else -np.inf, -i))
+    lr, runs, chosen = grid[win]
     written = glue.write_submissions(task, chosen["test_outputs"], {f: index for f, (_, index) in data.test.items()},
                                      os.path.join(out_dir, "submission"))
     dev_files = [os.path.join(out_dir, f"{task.name}.dev{suffix}.tsv") for suffix in data.dev]
@@ -436,9 +543,8 @@ def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: fl
         glue.write_predictions(path, task, index, chosen["dev_outputs"][suffix], labels)
     median = {k: statistics.median(r["best"][k] for r in runs) for k in runs[0]["best"]}
     result = {
-        "task": task.name, "metrics": list(median), "median": median,
-        "median_score": statistics.median(r["best_score"] for r in runs),
-        "seeds": [{k: v for k, v in r.items() if k not in ("test_outputs", "dev_outputs")} for r in runs],
+        "task": task.name, "metrics": list(median), "median": median, "median_score": scores[win],
+        "seeds": run_summary(runs),
         "submission_seed": chosen["seed"], "submission_files": written, "dev_prediction_files": dev_files,
         "config": {"lr": lr, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "max_len": recipe.max_len,
                    "warmup": recipe.warmup, "weight_decay": recipe.weight_decay, "precision": recipe.precision,
@@ -447,10 +553,33 @@ def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: fl
                    "max_train_examples": max_train_examples, "model": dataclasses.asdict(init.cfg)},
         "init": init.info, "data": data.info, "wall_seconds": time.time() - start,
     }
+    if eval_only:
+        result["config"].update(eval_only=True, epochs=0)
+    if len(grid) > 1:
+        result["lr_grid"] = {
+            "chosen_on": "dev: the rate with the highest median dev score over the seeds; its dev numbers are "
+                         "therefore optimistic", "lr": lr,
+            "rates": [{"lr": g_lr, "median_score": score, "median": {k: statistics.median(r["best"][k] for r in g_runs)
+                                                                      for k in g_runs[0]["best"]},
+                       "median_seed": g_chosen["seed"], "seeds": run_summary(g_runs)}
+                      for (g_lr, g_runs, g_chosen), score in zip(grid, scores)]}
+    saved = []
+    if save:
+        saved = [os.path.join(out_dir, f"{task.name}.model")]
+        clean = Tokenizer.from_str(init.tokenizer.to_str())
+        clean.no_truncation()  # as tokenizer.py writes them: prepare_tokenizer sets the rest again when loading
+        checkpoint.save_model_folder(saved[0], chosen["params"], {
+            "task": task.name, "labels": None if task.labels is None else list(task.hf_label_names),
+            "pooling": recipe.pooling, "max_len": recipe.max_len, "precision": recipe.precision,
+            "config": dataclasses.asdict(init.cfg), "seed": chosen["seed"], "epoch": chosen["best_epoch"],
+            "lr": lr, "dev": chosen["best"], "init": init.info}, clean.to_str().encode())
+        result["model_folder"] = saved[0]
     common.atomic_write_json(os.path.join(out_dir, f"{task.name}.json"), result)
-    print(f"{task.name}: median over {len(runs)} seed(s): "
+    print(f"{task.name}: " + (f"lr {lr:g} chosen on dev from {', '.join(f'{x:g}' for x in lrs)}; " if len(grid) > 1
+                              else "") + f"median over {len(runs)} seed(s): "
           + ", ".join(f"{k} {100 * v:.2f}" for k, v in median.items())
-          + f"; wrote {os.path.join(out_dir, task.name + '.json')}, " + ", ".join(dev_files + written), flush=True)
+          + f"; wrote {os.path.join(out_dir, task.name + '.json')}, " + ", ".join(dev_files + written + saved),
+          flush=True)
     return result
 
 
@@ -459,6 +588,14 @@ def run_task(task: glue.Task, init: Init, data: TaskData, recipe: Recipe, lr: fl
 
 
 DEFAULT_INIT = "out"
+
+
+def lr_list(text: str) -> list[float]:
+    """--lr: one peak learning rate, or a comma-separated grid of them."""
+    rates = [common.positive_float(x) for x in text.split(",")]
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"lists a rate twice: {text!r}")
+    return rates
 
 
 def parse_args(argv=None):
@@ -486,10 +623,11 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer", help="tokenizer.json: with --from_scratch, or for a checkpoint that lacks one")
     g.add_argument("--model", choices=list(bert.PRESETS), help="model preset for --from_scratch")
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=common.positive_float,
-                   help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size under "
-                        f"{NARROW_HIDDEN}, such as tiny and mini; else per task, "
-                        + ", ".join(f"{t.name} {t.lr:g}" for t in glue.TASKS.values()) + ")")
+    g.add_argument("--lr", type=lr_list, help=f"peak learning rate (default: {NARROW_LR:g} for models with hidden size "
+                   f"under {NARROW_HIDDEN}, such as tiny and mini; else per task, "
+                   + ", ".join(f"{t.name} {t.lr:g}" for t in glue.TASKS.values()) + "); or a grid, e.g. "
+                   "1e-4,3e-4,1e-3: every rate runs every seed, the rate with the best median dev score wins (chosen "
+                   "on dev) and every output file comes from its median seed")
     g.add_argument("--epochs", type=common.positive_int, default=3, help="epochs over the training set (default: 3)")
     g.add_argument("--batch_size", type=common.positive_int, default=32, help="training batch size (default: 32)")
     g.add_argument("--max_len", type=common.int_in(8), default=128,
@@ -512,6 +650,9 @@ def parse_args(argv=None):
                    help=f"first seed; the runs use seed, seed+1, ..., up to {common.MAX_SEED} (default: 0)")
     g.add_argument("--max_train_examples", type=common.non_negative_int, default=0,
                    help="use only the first N training rows, for quick runs (default: 0 = all)")
+    g.add_argument("--eval_only", action="store_true",
+                   help="no training: score the classifier of an --init_hf folder (a transformers "
+                        "...ForSequenceClassification, e.g. from hf.py --export) as it is, and write the same files")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval_batch_size", type=common.positive_int, default=128,
                    help="batch size for dev/test (default: 128)")
@@ -520,7 +661,14 @@ def parse_args(argv=None):
                         "shapes, i.e. jit compilations, against less padding (default: 8)")
     g.add_argument("--log_every", type=common.positive_int, default=50, help="steps between loss logs (default: 50)")
     g.add_argument("--out_dir", default="out/glue",
-                   help="results JSON, dev predictions, submission/ files and tb/ logs go here (default: out/glue)")
+                   help="results JSON, dev predictions, submission/ files, the model folder <TASK>.model and tb/ "
+                        "logs go here (default: out/glue)")
+    g.add_argument("--no_save", action="store_true",
+                   help="do not save the model folder <TASK>.model (the median seed's best epoch: params, config, "
+                        "tokenizer, labels, pooling; what predict.py and hf.py --export read), e.g. for sweeps")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out_dir (its tb/<TASK> logs are deleted before "
+                        "training); without it they are refused before anything is trained")
     args = p.parse_args(argv)
     if args.seed + args.seeds - 1 > common.MAX_SEED:
         p.error(f"--seed {args.seed} with --seeds {args.seeds} runs seeds up to {args.seed + args.seeds - 1}, "
@@ -549,11 +697,49 @@ def load_for_run(task: glue.Task, tok: Tokenizer, glue_dir: str | None, required
                     {f: (encode(tok, e, max_len), e.index) for f, e in test.items()}, info)
 
 
+def outputs_of(task: glue.Task, data: TaskData, out_dir: str, save: bool) -> tuple[list, list, list]:
+    """What run_task writes for a task: (files, the model folder if save, its tb/ log folder)."""
+    files = ([os.path.join(out_dir, f"{task.name}.json")]
+             + [os.path.join(out_dir, f"{task.name}.dev{suffix}.tsv") for suffix in data.dev]
+             + [os.path.join(out_dir, "submission", file) for file in data.test])
+    return files, [os.path.join(out_dir, f"{task.name}.model")] * save, [os.path.join(out_dir, "tb", task.name)]
+
+
+def check_outputs(files: list[str], model_dirs: list[str], log_dirs: list[str], overwrite: bool) -> None:
+    """The existing-output rule for every output of the run, checked before anything is trained: an earlier
+    run's outputs are refused unless overwrite; with it, the tb/ logs of these tasks are deleted now (new event
+    files would mix with the old), the rest is replaced when the new is written."""
+    existing = [p for p in files + model_dirs + log_dirs if os.path.lexists(p)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more output(s) of an earlier run)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} already exists{more}; pass --overwrite to replace them, or choose another "
+                        "--out_dir")
+    for path in files:
+        if os.path.isdir(path):
+            raise UserError(f"cannot write {path}: it is a folder")
+    for path in model_dirs:
+        checkpoint.check_model_folder_target(path, overwrite=True)
+    for path in log_dirs:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     keys = list(glue.TASKS) if args.task == "all" else [args.task]
+    if args.eval_only:
+        if args.task == "all" or not args.init_hf:
+            raise UserError("--eval_only scores one task's classifier as it is: give --task TASK and --init_hf DIR "
+                            "(a transformers ...ForSequenceClassification folder)")
+        if args.lr is not None or args.seeds != 1 or args.pooling != "cls":
+            raise UserError("--eval_only trains nothing: drop --lr and --seeds; and transformers' classifiers read "
+                            "[CLS] (no --pooling mean)")
     init = load_init(init=args.init, init_hf=args.init_hf, from_scratch=args.from_scratch, tokenizer=args.tokenizer,
-                     model=args.model, dropout=args.dropout)
+                     model=args.model, dropout=args.dropout, eval_only=args.eval_only)
+    if args.eval_only:
+        eval_only_params(glue.TASKS[args.task], init)  # a classifier of another task stops the run before the data
     if args.max_len > init.cfg.max_position:
         raise UserError(f"--max_len {args.max_len} exceeds the model's max_position {init.cfg.max_position}")
     if args.glue_dir is not None and not os.path.isdir(args.glue_dir):
@@ -566,11 +752,17 @@ def main(argv=None) -> dict:
     loaded = {key: load_for_run(glue.TASKS[key], init.tokenizer, args.glue_dir, required=args.task != "all",
                                 holdout=args.holdout, skip_bad_rows=args.skip_bad_rows,
                                 max_train_examples=args.max_train_examples, max_len=args.max_len) for key in keys}
+    loaded = {key: data for key, data in loaded.items() if data is not None}
+    planned = [outputs_of(glue.TASKS[key], data, args.out_dir, not args.no_save) for key, data in loaded.items()]
+    files, model_dirs, log_dirs = ([p for kind in planned for p in kind[i]] for i in range(3))
+    check_outputs(files + [os.path.join(args.out_dir, "glue.json")] * (args.task == "all"), model_dirs, log_dirs,
+                  args.overwrite)
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     seeds = [args.seed + i for i in range(args.seeds)]
-    results = {key: run_task(glue.TASKS[key], init, data, recipe, args.lr or default_lr(glue.TASKS[key], init.cfg),
-                             seeds, args.out_dir, args.max_train_examples)
-               for key, data in loaded.items() if data is not None}
+    results = {key: run_task(glue.TASKS[key], init, data, recipe, args.lr or [default_lr(glue.TASKS[key], init.cfg)],
+                             seeds, args.out_dir, args.max_train_examples, save=not args.no_save,
+                             eval_only=args.eval_only)
+               for key, data in loaded.items()}
     if args.task == "all":
         if not results:
             raise UserError(f"no GLUE task has both train and dev data under {args.glue_dir}")

@@ -5,12 +5,14 @@ checkpoint as a folder that transformers loads with no custom code.
     python train.py --init_hf BERT_DIR --data_dir data ...  # continued pretraining (data made with tok.json)
     python finetune.py --task sst2 --init_hf BERT_DIR ...   # GLUE from its weights
     python hf.py --export out/ckpt_00001000 hf_out          # post-LN: BertForMaskedLM, pre-LN: RobertaPreLayerNorm
+    python hf.py --export out/glue/SST-2.model hf_sst2      # a finetuned classifier: ...ForSequenceClassification
 
 Import (load_hf) reads config.json, model.safetensors (or its sharded index) and tokenizer.json, or vocab.txt with
 tokenizer_config.json. Only BERT itself maps exactly (model_type bert, exact GELU, absolute positions: our post-LN
 layout); anything else is refused by name, as is a missing, extra or mis-shaped encoder tensor. Heads are optional:
-the pooler, the MLM head (decoder tied to the word embeddings) and a BertForSequenceClassification classifier are
-imported when present, and each script initialises the ones it needs but the checkpoint lacks, with a notice.
+the pooler, the MLM head (decoder tied to the word embeddings) and the classifier of a BertForSequenceClassification
+(or of a RobertaPreLayerNormForSequenceClassification as export writes it) are imported when present, with the
+classifier's label names; each script initialises the heads it needs but the checkpoint lacks, with a notice.
 
 Special-token ids: this codebase fixes [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, Google's BERT vocabularies have
 [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103. The importer swaps ids so that the five land on 0..4 (for BERT the
@@ -40,6 +42,8 @@ from tokenizer import SPECIAL_KEYS, build_tokenizer, for_transformers
 # model_type -> (prefix of the encoder's tensors in the *For...* classes, the class export writes)
 LAYOUTS = {"bert": ("bert.", "BertForMaskedLM"),
            "roberta-prelayernorm": ("roberta_prelayernorm.", "RobertaPreLayerNormForMaskedLM")}
+CLASSIFIERS = {"bert": "BertForSequenceClassification",  # what a finetune.py model folder exports as
+               "roberta-prelayernorm": "RobertaPreLayerNormForSequenceClassification"}
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-weights some checkpoints carry
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -226,8 +230,16 @@ def _names(cfg: bert.BertConfig, base: str) -> tuple[dict, dict]:
         mlm = {"mlm_head/transform": _dense("lm_head.dense"), "mlm_head/layer_norm": _norm("lm_head.layer_norm"),
                "mlm_head": {"output_bias": ["lm_head.bias"]}}
     heads = {"pooler": {"bert/pooler/dense": _dense(f"{base}pooler.dense")}, "MLM head": mlm}
-    if cfg.post_ln:  # RobertaPreLayerNorm's classification head is another shape
+    # The classification heads are the same function as ours at inference. BertForSequenceClassification: pooler
+    # (dense + tanh on [CLS]), dropout, classifier: ours, name for name. RobertaPreLayerNormForSequenceClassification
+    # has no pooler; its head is [CLS] -> dropout -> dense -> tanh -> dropout -> out_proj, so its dense is our
+    # pooler and out_proj our classifier. The one difference, a dropout on the [CLS] state before the dense, acts
+    # only in training (logits agree; further finetuning in transformers drops out one more activation).
+    if cfg.post_ln:
         heads["classifier"] = {"classifier": _dense("classifier")}
+    else:
+        heads["classifier"] = {"bert/pooler/dense": _dense("classifier.dense"),
+                               "classifier": _dense("classifier.out_proj")}
     return encoder, heads
 
 
@@ -310,7 +322,8 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
 
     params: {module: {name: float32 np.ndarray}} in model.py's names: the whole encoder, and each head (pooler,
     mlm_head, classifier) the checkpoint has. info: source, new_id (old id -> our id) and old_id (its inverse),
-    heads and missing_heads (names), unused (tensor names), num_labels (of the classifier, or None).
+    heads and missing_heads (names), unused (tensor names), num_labels (of the classifier, or None), id2label (its
+    label names by id, LABEL_<i> where config.json names none; None without a classifier) and problem_type.
     """
     cfg, raw = read_config(hf_dir)
     tokenizer_bytes, new_id = convert_tokenizer(hf_dir, cfg.vocab_size)
@@ -322,8 +335,8 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
     decoder = mlm_bias.replace(".bias", ".decoder")
     if mlm_bias not in tensors and f"{decoder}.bias" in tensors:  # some checkpoints keep only the decoder's copy
         tensors[mlm_bias] = tensors.pop(f"{decoder}.bias")
-    classifier = "classifier" in heads and "classifier.weight" in tensors
-    num_labels = tensors["classifier.weight"].shape[0] if classifier else None
+    classifier_weight = heads["classifier"]["classifier"]["w"][0]
+    num_labels = tensors[classifier_weight].shape[0] if classifier_weight in tensors else None
 
     present = [h for h, table in heads.items() if any(n in tensors for n in _hf_names(table))]
     table = {**encoder, **{m: p for h in present for m, p in heads[h].items()}}
@@ -359,8 +372,12 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
     params["bert/embeddings/word"]["embeddings"] = params["bert/embeddings/word"]["embeddings"][old_id]
     if "mlm_head" in params:
         params["mlm_head"]["output_bias"] = params["mlm_head"]["output_bias"][old_id]
+    given = raw.get("id2label") if isinstance(raw.get("id2label"), dict) else {}
+    id2label = None if num_labels is None else [str(given.get(str(i), given.get(i, f"LABEL_{i}")))
+                                                for i in range(num_labels)]
     info = {"source": hf_dir, "new_id": new_id, "old_id": old_id, "heads": present,
-            "missing_heads": [h for h in heads if h not in present], "unused": unused, "num_labels": num_labels}
+            "missing_heads": [h for h in heads if h not in present], "unused": unused, "num_labels": num_labels,
+            "id2label": id2label, "problem_type": raw.get("problem_type")}
     return cfg, params, tokenizer_bytes, info
 
 
@@ -368,10 +385,11 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
 # Export
 
 def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
-    """A train.py checkpoint (a ckpt_* folder or an out_dir's newest) -> out_dir, a transformers folder:
-    config.json, model.safetensors, tokenizer.json, tokenizer_config.json. Written under a temporary name, then
-    renamed; an existing out_dir is refused, or with overwrite replaced if it holds only those files. Returns the
-    transformers class name."""
+    """A train.py checkpoint (a ckpt_* folder or an out_dir's newest: an MLM model) or a finetune.py model folder
+    (<TASK>.model: a classifier, whose config.json gets id2label, label2id and problem_type) -> out_dir, a
+    transformers folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json. Written under a
+    temporary name, then renamed; an existing out_dir is refused, or with overwrite replaced if it holds only those
+    files. Returns the transformers class name."""
     out_dir = out_dir.rstrip("/") or out_dir
     if os.path.exists(out_dir):
         if not overwrite:
@@ -386,21 +404,33 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
     if not os.path.isdir(parent):
         raise UserError(f"cannot write {out_dir}: folder {parent} does not exist")
     common.check_writable_folder(parent)
-    params, state = checkpoint.load_checkpoint(ckpt_dir)
-    cfg = checkpoint.model_config(state)
-    tok = common.load_tokenizer(state["tokenizer_path"])
+    classifier = checkpoint.load_model_folder(ckpt_dir) if checkpoint.is_model_folder(ckpt_dir) else None
+    if classifier is None:
+        params, state = checkpoint.load_checkpoint(ckpt_dir)
+        cfg, tokenizer_path, source = checkpoint.model_config(state), state["tokenizer_path"], state["path"]
+    else:
+        params, cfg, tokenizer_path, source = (classifier.params, classifier.cfg, classifier.tokenizer_path,
+                                               classifier.path)
+        if classifier.pooling != "cls":
+            raise UserError(f"{source} was finetuned with --pooling {classifier.pooling}: no transformers "
+                            "...ForSequenceClassification pools that way (they read [CLS]), so it has no exact "
+                            "export; finetune with --pooling cls to export")
+    tok = common.load_tokenizer(tokenizer_path)
     if tok.get_vocab_size() != cfg.vocab_size:
-        raise UserError(f"{state['tokenizer_path']} has {tok.get_vocab_size()} tokens, the model {cfg.vocab_size}")
+        raise UserError(f"{tokenizer_path} has {tok.get_vocab_size()} tokens, the model {cfg.vocab_size}")
 
     model_type = "bert" if cfg.post_ln else "roberta-prelayernorm"
     prefix, architecture = LAYOUTS[model_type]
     encoder, heads = _names(cfg, prefix)
     table = {**encoder, **heads["MLM head"]}
+    if classifier is not None:
+        architecture = CLASSIFIERS[model_type]
+        table = {**encoder, **(heads["pooler"] if cfg.post_ln else {}), **heads["classifier"]}
     missing, extra = sorted(set(table) - set(params)), sorted(set(params) - set(table))
     if missing:
-        raise UserError(f"checkpoint {state['path']} lacks {', '.join(missing)} (made with an older model.py?)")
+        raise UserError(f"checkpoint {source} lacks {', '.join(missing)} (made with an older model.py?)")
     if extra:
-        raise UserError(f"checkpoint {state['path']}: {', '.join(extra)} has no counterpart in {architecture}")
+        raise UserError(f"checkpoint {source}: {', '.join(extra)} has no counterpart in {architecture}")
     tensors = _to_hf(params, table)
     config = {"architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -409,6 +439,11 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
               "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
               "layer_norm_eps": cfg.layer_norm_eps, "initializer_range": 0.02, "pad_token_id": common.PAD_ID,
               "position_embedding_type": "absolute", "tie_word_embeddings": True}
+    if classifier is not None:
+        names = classifier.labels or ["score"]  # regression: one output, the score
+        config.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                      problem_type="single_label_classification" if classifier.labels else "regression",
+                      finetuning_task=classifier.task)
     if not cfg.post_ln:
         position = encoder["bert/embeddings/position"]["embeddings"][0]  # row 0: [PAD]'s position, never attended
         tensors[position] = np.concatenate([np.zeros((1, cfg.hidden_size), np.float32), tensors[position]])
@@ -436,7 +471,9 @@ def main() -> None:
     g.add_argument("--export", nargs=2, metavar=("CKPT_DIR", "OUT_DIR"),
                    help="write a train.py checkpoint (a ckpt_<step> folder, or an out_dir: its newest) as a new "
                         "transformers folder OUT_DIR: BertForMaskedLM for a post-LN model, "
-                        "RobertaPreLayerNormForMaskedLM for a pre-LN one")
+                        "RobertaPreLayerNormForMaskedLM for a pre-LN one; or a finetune.py model folder "
+                        "(<TASK>.model, --pooling cls) as BertForSequenceClassification or "
+                        "RobertaPreLayerNormForSequenceClassification, with its label names")
     g.add_argument("--tokenizer", nargs=2, metavar=("HF_DIR", "OUT_JSON"),
                    help="write the tokenizer of a Hugging Face BERT folder with [PAD] [UNK] [CLS] [SEP] [MASK] at "
                         "ids 0..4, for data.py (then train.py --init_hf HF_DIR on that data)")
@@ -445,8 +482,9 @@ def main() -> None:
     args = p.parse_args()
     if args.export:
         architecture = export_hf(*args.export, overwrite=args.overwrite)
-        print(f"wrote {args.export[1]}: {architecture} (load with transformers.AutoModelForMaskedLM."
-              f"from_pretrained and AutoTokenizer.from_pretrained)")
+        auto = "AutoModelForSequenceClassification" if architecture in CLASSIFIERS.values() else "AutoModelForMaskedLM"
+        print(f"wrote {args.export[1]}: {architecture} (load with transformers.{auto}.from_pretrained and "
+              "AutoTokenizer.from_pretrained)")
         return
     hf_dir, out = args.tokenizer
     common.check_new_file(out, args.overwrite)

@@ -26,6 +26,7 @@ from conftest import damage_checkpoint, fill_disk  # noqa: E402
 
 HF_FIXTURE = os.path.join(ROOT, "tests", "data", "hf_tiny_bert")
 COORDINATOR = ["--coordinator", "localhost:12345"]
+SST2 = ["--task", "sst2", "--glue_dir", "{root}/glue"]
 
 # name: (script, arguments ({root}: the fixtures' folder, {hf}: the Hugging Face fixture; {ro}: a read-only tmpfs,
 # {full_export}, {full_tokenizer}: full ones), what the line must say, and what it must not say (a misleading hint),
@@ -138,6 +139,33 @@ CASES = {
     "coordinator_unreachable": ("train.py", ["--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id",
                                              "1", "--coordinator_timeout", "2"], "within --coordinator_timeout 2 s",
                                 None),
+    # finetuned model folders, predict.py, the existing-output rule and --eval_only
+    "export_mean_pooled_classifier": ("hf.py", ["--export", "{root}/model_mean", "{root}/new_export"],
+                                      "--pooling mean", None),
+    "finetune_earlier_run_s_outputs": ("finetune.py", [*SST2, "--from_scratch", "--tokenizer", "tokenizer.json",
+                                                       "--model", "tiny", "--out_dir", "{root}/ft_out"],
+                                       "SST-2.dev.tsv already exists; pass --overwrite", None),
+    "eval_only_classifier_of_another_task": ("finetune.py", [*SST2, "--init_hf", "{hf}", "--eval_only"],
+                                             "3 label(s) (LABEL_0, LABEL_1, LABEL_2), SST-2 has 2", None),
+    "eval_only_without_a_classifier": ("finetune.py", [*SST2, "--init", "{root}/real", "--eval_only"],
+                                       "--eval_only scores", None),
+    "predict_empty_stdin": ("predict.py", ["--model", "{root}/model"], "stdin is empty", None),
+    "predict_damaged_model_folder": ("predict.py", ["--model", "{root}/model_bitflip"],
+                                     "damaged model folder", None),
+    "predict_model_folder_of_another_shape": ("predict.py", ["--model", "{root}/model_3_labels"],
+                                              "its model.json (3 label(s), hidden size 32) implies", None),
+    "predict_not_a_model_folder": ("predict.py", ["--model", "{root}/data"], "has no model.json", None),
+    "predict_tsv_without_the_column": ("predict.py", ["--model", "{root}/model", "--input", "{root}/reviews.tsv"],
+                                       "no column 'sentence' in the header (text, stars); name", None),
+    "predict_two_texts_for_a_one_text_model": ("predict.py", ["--model", "{root}/model", "--input",
+                                                              "{root}/reviews.tsv", "--columns", "text,stars"],
+                                               "takes 1 text(s)", None),
+}
+# Recoverable: exit 0 and one "warning:" line on stderr.
+WARNINGS = {
+    "predict_line_longer_than_max_len": ("predict.py", ["--model", "{root}/model", "--input", "{root}/long.tsv",
+                                                        "--columns", "text", "--max_len", "8"],
+                                         "1 of 2 examples are longer than --max_len 8 tokens and were cut"),
 }
 
 # name: (script, arguments, what the line must say). Run in this process: each fails before any computation.
@@ -215,6 +243,38 @@ def small_checkpoint(out_dir: str, tokenizer_path: str) -> str:
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
+
+
+def write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def model_folders(root: str, tokenizer_path: str) -> None:
+    """finetune.py model folders (random params): a good one, a bit-flipped one, one whose model.json says 3 labels
+    where its arrays have 2 (manifest rewritten: damage in the making, not on the disk), and a mean-pooled one."""
+    import jax
+
+    tok = common.load_tokenizer(tokenizer_path)
+    cfg = bert.BertConfig(vocab_size=tok.get_vocab_size(), num_layers=1, hidden_size=32, num_heads=2,
+                          intermediate_size=64, max_position=32)
+    tokens = np.zeros((1, 2), np.int32)
+    params = jax.tree.map(np.asarray, bert.classifier_model(cfg, 2).init(jax.random.PRNGKey(0), tokens, tokens,
+                                                                         tokens == 0))
+    info = {"task": "SST-2", "labels": ["negative", "positive"], "pooling": "cls", "max_len": 32,
+            "precision": "fp32", "config": dataclasses.asdict(cfg)}
+    tokenizer_bytes = open(tokenizer_path, "rb").read()
+    for name, changes in (("model", {}), ("model_bitflip", {}), ("model_3_labels", {}),
+                          ("model_mean", {"pooling": "mean"})):
+        checkpoint.save_model_folder(os.path.join(root, name), params, {**info, **changes}, tokenizer_bytes)
+    damage_checkpoint(os.path.join(root, "model_bitflip"), "bitflip")
+    path = os.path.join(root, "model_3_labels", checkpoint.MODEL_JSON)
+    edited = json.loads(open(path).read())
+    edited["labels"] = ["a", "b", "c"]
+    write(path, json.dumps(edited))
+    os.remove(os.path.join(root, "model_3_labels", checkpoint.MANIFEST))
+    checkpoint.write_manifest(os.path.join(root, "model_3_labels"))
 
 
 def hf_variant(root: str, name: str, config: dict | None = None, tokenizer_json: dict | None = None) -> None:
@@ -305,6 +365,14 @@ def root(tmp_path_factory, tiny_docs, tiny_tokenizer_path) -> str:
     shutil.copytree(good, os.path.join(root, "data_bad_ids"))
     with open(os.path.join(root, "data_bad_ids", "train.bin"), "r+b") as f:
         f.write(np.array([60000], np.uint16).tobytes())  # the vocabulary has 200 ids (uint16 files)
+    model_folders(root, tiny_tokenizer_path)
+    sentences = "".join(d + "\n" for d in tiny_docs[:20])
+    for split, header in (("train", "sentence\tlabel\n"), ("dev", "sentence\tlabel\n"), ("test", "index\tsentence\n")):
+        write(os.path.join(root, "glue", "SST-2", f"{split}.tsv"), header + "".join(
+            (f"{i}\t{d}\n" if split == "test" else f"{d}\t{i % 2}\n") for i, d in enumerate(tiny_docs[:20])))
+    write(os.path.join(root, "ft_out", "SST-2.dev.tsv"), "index\tprediction\tlabel\n")
+    write(os.path.join(root, "reviews.tsv"), "text\tstars\n" + sentences.replace("\n", "\t5\n"))
+    write(os.path.join(root, "long.tsv"), "text\nthe river\n" + "the river city school " * 10 + "\n")
     return root
 
 
@@ -317,14 +385,15 @@ def results(root, mounts, tiny_tokenizer_path):
     places = dict(root=root, hf=HF_FIXTURE, ro=f"{root}/ro", full_export=f"{root}/full_export",
                   full_tokenizer=f"{root}/full_tokenizer")
     procs, done = {}, {}
-    for name, (script, args, _, _) in CASES.items():
+    for name, (script, args, *_) in {**CASES, **WARNINGS}.items():
         if not mounted and any(m in a for a in args for m in MOUNTED):
             continue
         argv = [a.format(**places) for a in [*CORPUS_FLAGS.get(script, []), *args]]
         if len(procs) - len(done) >= PARALLEL:
             wait(procs, done, next(n for n in procs if n not in done))
         procs[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=root, env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True)
     for name in procs:
         if name not in done:
             wait(procs, done, name)
@@ -352,6 +421,13 @@ def test_one_line_and_exit_2(case, results, mounts):
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-2000:]
     assert says in lines[0], lines[0]
     assert must_not_say is None or must_not_say not in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", list(WARNINGS))
+def test_one_warning_line_and_exit_0(case, results):
+    rc, err = results[case]
+    lines = err.splitlines()
+    assert rc == 0 and len(lines) == 1 and lines[0].startswith("warning: ") and WARNINGS[case][2] in lines[0], err
 
 
 @pytest.mark.parametrize("case", list(FLAG_CASES))

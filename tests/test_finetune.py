@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -213,6 +214,7 @@ def glue_run(tmp_path_factory, tok_path):
     write_stsb(d)
     write(f"{d}/RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")  # no dev: skipped
     out = str(d / "out")
+    shutil.copy(tok_path, d / "tok.json")
     results = ft.main(["--task", "all", "--glue_dir", str(d), "--from_scratch", "--tokenizer", tok_path,
                        "--model", "tiny", "--lr", "1e-3", "--epochs", "3", "--seeds", "2", "--pooling", "mean",
                        "--out_dir", out])
@@ -259,6 +261,60 @@ def test_regression_learns_and_glue_table(glue_run):
     assert table["tasks"] == ["sst2", "stsb"]
     assert table["score"] == pytest.approx(np.mean([glue.task_score(results[k]["median"]) for k in ("sst2", "stsb")]))
     assert os.listdir(os.path.join(out, "tb"))
+
+
+def test_saved_models_predict_what_the_dev_files_say(glue_run):
+    """Mean pooling, a regression task and sentence pairs through predict.py: its outputs on each dev file are
+    the ones finetune.py wrote there (the model folders hold the median seed's best epoch, pooling included)."""
+    import predict
+
+    _, out, _ = glue_run
+    d = os.path.dirname(out)
+    for task, labels in (("SST-2", ["negative", "positive"]), ("STS-B", None)):
+        info = json.load(open(os.path.join(out, f"{task}.model", "model.json")))
+        assert info["pooling"] == "mean" and info["labels"] == labels
+        lines = predict.main(["--model", os.path.join(out, f"{task}.model"), "--input", f"{d}/{task}/dev.tsv"])
+        dev = [line.split("\t")[1] for line in open(os.path.join(out, f"{task}.dev.tsv")).read().splitlines()[1:]]
+        got = [line.split("\t")[0] for line in lines]
+        assert (got if labels is None else [str(labels.index(x)) for x in got]) == dev
+    model.set_precision("fp32")
+
+
+def test_an_earlier_run_s_outputs_are_refused_before_training(glue_run, capsys):
+    _, out, _ = glue_run
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    d = os.path.dirname(out)
+    with pytest.raises(UserError, match=f"{out}/SST-2.json already exists \\(and .* more output\\(s\\) of an "
+                                        "earlier run\\); pass --overwrite"):
+        ft.main(["--task", "all", "--glue_dir", d, "--from_scratch", "--tokenizer", os.path.join(d, "tok.json"),
+                 "--model", "tiny", "--out_dir", out, "--no_save"])
+    assert "epoch" not in capsys.readouterr().out  # nothing trained
+    assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+
+
+def test_lr_grid_picks_the_best_median_on_dev_and_every_output_follows_it(tmp_path, tok_path):
+    write_sst2(tmp_path, 128, 32)
+    out = tmp_path / "out"
+    write(str(out / "SST-2.json"), "{}")  # an earlier run's outputs, replaced with --overwrite
+    write(str(out / "tb" / "SST-2" / "seed0" / "events.old"), "")
+    result = ft.main(["--task", "sst2", "--glue_dir", str(tmp_path), "--from_scratch", "--tokenizer", tok_path,
+                      "--model", "tiny", "--lr", "1e-5,1e-3", "--seeds", "2", "--epochs", "1", "--out_dir", str(out),
+                      "--overwrite"])["sst2"]
+    saved = json.load(open(out / "SST-2.json"))
+    assert saved == json.loads(json.dumps(result))
+    grid = saved["lr_grid"]
+    assert [r["lr"] for r in grid["rates"]] == [1e-5, 1e-3] and grid["chosen_on"].startswith("dev")
+    assert all(len(r["seeds"]) == 2 and r["median_score"] == np.median([s["best_score"] for s in r["seeds"]])
+               for r in grid["rates"])
+    win = max(grid["rates"], key=lambda r: r["median_score"])
+    assert grid["lr"] == saved["config"]["lr"] == win["lr"] and saved["median"] == win["median"]
+    assert saved["seeds"] == win["seeds"] and saved["submission_seed"] == win["median_seed"]
+    info = json.load(open(out / "SST-2.model" / "model.json"))
+    assert (info["lr"], info["seed"]) == (win["lr"], win["median_seed"])
+    seed = next(s for s in win["seeds"] if s["seed"] == win["median_seed"])
+    rows = [line.split("\t") for line in open(out / "SST-2.dev.tsv").read().splitlines()[1:]]
+    assert np.mean([p == y for _, p, y in rows]) == pytest.approx(seed["best"]["acc"]) == info["dev"]["acc"]
+    assert sorted(os.listdir(out / "tb" / "SST-2")) == ["lr0.001", "lr1e-05"]  # the old logs went first
 
 
 # ----------------------------------------------------------------------------------------------------------

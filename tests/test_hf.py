@@ -425,3 +425,100 @@ def test_real_minilm_matches_transformers():
     hidden, _ = forward(cfg, params, info["new_id"][enc["input_ids"].numpy()],
                         jnp.asarray(enc["token_type_ids"].numpy()), jnp.asarray(mask))
     assert np.abs(hidden[mask] - expected[mask]).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finetuned classifiers (finetune.py's model folders) out, and transformers classifiers back in
+
+def classifier_folder(tmp_path, tokenizer_path: str, post_ln: bool, labels, pooling: str = "cls") -> str:
+    """A model folder as finetune.py saves one, with random params (LayerNorms and biases too)."""
+    tok = common.load_tokenizer(tokenizer_path)
+    cfg = model.BertConfig(vocab_size=tok.get_vocab_size(), num_layers=2, hidden_size=32, num_heads=2,
+                           intermediate_size=64, max_position=24, post_ln=post_ln)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    params = model.classifier_model(cfg, len(labels or [0])).init(jax.random.PRNGKey(3), tokens, tokens, tokens == 0)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    params = jax.tree.map(np.asarray, jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape)
+                                                                   for x, k in zip(leaves, keys)]))
+    folder = str(tmp_path / "SST-2.model")
+    checkpoint.save_model_folder(folder, params, {
+        "task": "SST-2" if labels else "STS-B", "labels": labels, "pooling": pooling, "max_len": 24,
+        "precision": "fp32", "config": dataclasses.asdict(cfg)}, open(tokenizer_path, "rb").read())
+    return folder
+
+
+@pytest.mark.parametrize("post_ln,labels", [(True, ["negative", "positive"]), (False, ["negative", "positive"]),
+                                            (False, None)], ids=["post_ln", "pre_ln", "pre_ln_regression"])
+def test_classifier_export_then_import_gives_the_same_classifier(tmp_path, tiny_tokenizer_path, post_ln, labels):
+    folder = classifier_folder(tmp_path, tiny_tokenizer_path, post_ln, labels)
+    out = str(tmp_path / "hf")
+    assert hf.export_hf(folder, out) == ("BertForSequenceClassification" if post_ln else
+                                         "RobertaPreLayerNormForSequenceClassification")
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    names = labels or ["score"]
+    assert config["id2label"] == {str(i): n for i, n in enumerate(names)}
+    assert config["label2id"] == {n: i for i, n in enumerate(names)}
+    assert config["problem_type"] == ("single_label_classification" if labels else "regression")
+    cfg, params, _, info = hf.load_hf(out)
+    assert info["id2label"] == names and info["heads"][-1] == "classifier"
+    ours = checkpoint.load_model_folder(folder)
+    assert dataclasses.replace(cfg, dropout=0.0) == ours.cfg and set(params) == set(ours.params)
+    for module, leaves in ours.params.items():
+        for name, value in leaves.items():
+            np.testing.assert_array_equal(params[module][name], value)
+
+
+def test_mean_pooled_classifier_is_not_exported(tmp_path, tiny_tokenizer_path):
+    folder = classifier_folder(tmp_path, tiny_tokenizer_path, False, ["negative", "positive"], pooling="mean")
+    with pytest.raises(UserError, match="--pooling mean: no transformers ...ForSequenceClassification pools"):
+        hf.export_hf(folder, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+
+
+@needs_torch
+@pytest.mark.parametrize("post_ln", [True, False], ids=["post_ln", "pre_ln"])
+def test_finetuned_export_runs_in_transformers_pipeline_and_imports_back(tmp_path, tiny_tokenizer_path, post_ln):
+    """Finetune SST-2-like data from a tiny checkpoint, export: transformers' logits equal ours within 1e-5,
+    pipeline("text-classification") gives predict.py's labels, and finetune.py --init_hf --eval_only of the
+    export scores the dev accuracy finetune.py reported."""
+    import torch
+    import transformers
+
+    import predict
+    from test_finetune import sst_rows, write_sst2
+
+    write_sst2(str(tmp_path / "glue"), 200, 50)
+    random_checkpoint(tmp_path, tiny_tokenizer_path, post_ln)
+    out = str(tmp_path / "out")
+    flags = ["--task", "sst2", "--glue_dir", str(tmp_path / "glue"), "--max_len", "24"]
+    finetune.main([*flags, "--init", str(tmp_path / "run"), "--lr", "1e-3", "--epochs", "1", "--batch_size", "8",
+                   "--out_dir", out])
+    model.set_precision("fp32")
+    reported = json.loads(open(os.path.join(out, "SST-2.json")).read())["median"]["acc"]
+    exported = str(tmp_path / "hf")
+    hf.export_hf(os.path.join(out, "SST-2.model"), exported)
+
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(exported, attn_implementation="eager")
+    assert type(theirs).__name__ == ("BertForSequenceClassification" if post_ln else
+                                     "RobertaPreLayerNormForSequenceClassification")
+    sentences = [s + " " for s, _ in sst_rows(50, 1)]
+    enc = transformers.AutoTokenizer.from_pretrained(exported)(sentences, padding=True, return_tensors="pt")
+    assert enc["attention_mask"].min() == 0  # right padding is part of the check
+    with torch.no_grad():
+        got = theirs.eval()(**enc).logits.numpy()
+    ours = checkpoint.load_model_folder(os.path.join(out, "SST-2.model"))
+    expected = finetune.make_logits_fn(ours.cfg, 2, "cls")(
+        ours.params, enc["input_ids"].numpy().astype(np.int32), enc["token_type_ids"].numpy().astype(np.int32),
+        enc["attention_mask"].numpy() > 0)
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-5, rtol=0)
+
+    labels = [r["label"] for r in transformers.pipeline("text-classification", model=exported)(sentences)]
+    predicted = predict.main(["--model", os.path.join(out, "SST-2.model"), "--input",
+                              str(tmp_path / "glue" / "SST-2" / "dev.tsv")])
+    assert labels == [line.split("\t")[0] for line in predicted]
+
+    again = finetune.main([*flags, "--init_hf", exported, "--eval_only", "--out_dir", str(tmp_path / "again"),
+                           "--no_save"])["sst2"]
+    assert again["median"]["acc"] == reported and again["config"]["eval_only"]
+    assert not os.path.exists(tmp_path / "again" / "SST-2.model")
