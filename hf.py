@@ -6,6 +6,7 @@ checkpoint as a folder that transformers loads with no custom code.
     python finetune.py --task sst2 --init_hf BERT_DIR ...   # GLUE from its weights
     python hf.py --export out/ckpt_00001000 hf_out          # post-LN: BertForMaskedLM, pre-LN: RobertaPreLayerNorm
     python hf.py --export out/glue/SST-2.model hf_sst2      # a finetuned classifier: ...ForSequenceClassification
+    python hf.py --export out hf_out --dtype bf16 --shard_mb 15  # bfloat16 weights in files under 15 MiB
 
 Import (load_hf) reads config.json, model.safetensors (or its sharded index) and tokenizer.json, or vocab.txt with
 tokenizer_config.json. Only BERT itself maps exactly (model_type bert, exact GELU, absolute positions: our post-LN
@@ -46,6 +47,9 @@ CLASSIFIERS = {"bert": "BertForSequenceClassification",  # what a finetune.py mo
                "roberta-prelayernorm": "RobertaPreLayerNormForSequenceClassification"}
 BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-weights some checkpoints carry
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+SHARD_INDEX = "model.safetensors.index.json"
+SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # transformers' names for the shards an index lists
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
 def _read_json(path: str) -> dict:
@@ -305,16 +309,37 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
             f"{single!r}, metadata={{'format': 'pt'}})\"")
     else:
         raise UserError(f"{hf_dir} has no model.safetensors")
-    from safetensors.numpy import load_file
-
     tensors = {}
     for path in files:
         try:
-            tensors.update(load_file(path))
+            tensors.update(_load_safetensors(path))
         except Exception as e:  # safetensors raises its own error types; a bad file is the user's input
             raise UserError(f"cannot read {path}: {first_line(e)}") from None
     return {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
             for k, v in tensors.items()}
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file's tensors; bfloat16 ones (which safetensors.numpy cannot load) as float32."""
+    from safetensors.numpy import load_file
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if all(v["dtype"] != "BF16" for v in entries.values()):
+        return load_file(path)
+    import ml_dtypes  # a dependency of jax
+
+    raw, tensors = np.fromfile(path, np.uint8, offset=8 + size), {}
+    for name, v in entries.items():
+        if v["dtype"] != "BF16" and v["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {v['dtype']}, which this reader does not know")
+        dtype = ml_dtypes.bfloat16 if v["dtype"] == "BF16" else SAFETENSORS_DTYPES[v["dtype"]]
+        begin, end = v["data_offsets"]
+        value = raw[begin:end].view(dtype).reshape(v["shape"])
+        tensors[name] = value.astype(np.float32) if v["dtype"] == "BF16" else value
+    return tensors
 
 
 def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
@@ -384,19 +409,44 @@ def load_hf(hf_dir: str) -> tuple[bert.BertConfig, dict, bytes, dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Export
 
-def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
+def shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[list[str]]:
+    """Tensor names in groups (in name order) whose safetensors files stay under max_bytes: data, plus the header's
+    8 + up to 200 bytes a tensor. UserError if one tensor alone does not fit."""
+    groups, size = [[]], 8
+    for name in sorted(tensors):
+        need = tensors[name].nbytes + 200
+        if 8 + need > max_bytes:
+            raise UserError(f"tensor {name} ({tensors[name].nbytes:,} bytes) does not fit in a shard of "
+                            f"{max_bytes / 2**20:g} MiB; raise --shard_mb or export --dtype bf16")
+        if size + need > max_bytes and groups[-1]:
+            groups.append([])
+            size = 8
+        groups[-1].append(name)
+        size += need
+    return groups
+
+
+def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False, dtype: str = "fp32",
+              shard_mb: float = 0.0) -> str:
     """A train.py checkpoint (a ckpt_* folder or an out_dir's newest: an MLM model) or a finetune.py model folder
     (<TASK>.model: a classifier, whose config.json gets id2label, label2id and problem_type) -> out_dir, a
     transformers folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json. Written under a
     temporary name, then renamed; an existing out_dir is refused, or with overwrite replaced if it holds only those
-    files. Returns the transformers class name."""
+    files. Returns the transformers class name. dtype "bf16" stores the weights rounded to bfloat16 (half the
+    bytes); shard_mb > 0 splits them into model-0000i-of-0000n.safetensors files of under shard_mb MiB each, listed
+    by model.safetensors.index.json, transformers' sharded layout."""
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, got {dtype}")
+    if not 0 <= shard_mb < float("inf"):
+        raise UserError(f"--shard_mb must be >= 0 (0 = one file), got {shard_mb}")
     out_dir = out_dir.rstrip("/") or out_dir
     if os.path.exists(out_dir):
         if not overwrite:
             raise UserError(f"{out_dir} already exists; pass --overwrite to replace it")
         if not os.path.isdir(out_dir):
             raise UserError(f"{out_dir} is a file, not a folder hf.py --export wrote")
-        other = sorted(set(os.listdir(out_dir)) - set(EXPORT_FILES))
+        other = sorted(f for f in os.listdir(out_dir) if f not in EXPORT_FILES + (SHARD_INDEX,)
+                       and not SHARD_RE.match(f))
         if other:
             raise UserError(f"{out_dir} holds {other[0]}, which hf.py --export does not write; --overwrite replaces "
                             "only a folder it wrote")
@@ -450,12 +500,26 @@ def export_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> str:
         config.update(max_position_embeddings=cfg.max_position + 1, bos_token_id=common.CLS_ID,
                       eos_token_id=common.SEP_ID)
     tokenizer_text, tokenizer_config = for_transformers(tok, cfg.max_position)
+    if dtype == "bf16":
+        import ml_dtypes  # a dependency of jax
+
+        tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+        config["torch_dtype"] = "bfloat16"
+    groups = shards(tensors, int(shard_mb * 2**20)) if shard_mb else [sorted(tensors)]
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
 
     from safetensors.numpy import save
 
     with common.atomic_dir(out_dir, f"{out_dir}.tmp.{os.getpid()}") as tmp:
         # Not safetensors' save_file: it makes the file mode 0600, where every other output follows the umask.
-        common.atomic_write_bytes(os.path.join(tmp, "model.safetensors"), save(tensors, metadata={"format": "pt"}))
+        for name, group in zip(names, groups):
+            common.atomic_write_bytes(os.path.join(tmp, name), save({k: tensors[k] for k in group},
+                                                                   metadata={"format": "pt"}))
+        if len(groups) > 1:
+            common.atomic_write_json(os.path.join(tmp, SHARD_INDEX), {
+                "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                "weight_map": {k: name for name, group in zip(names, groups) for k in group}})
         common.atomic_write_json(os.path.join(tmp, "config.json"), config)
         common.atomic_write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
         common.atomic_write_bytes(os.path.join(tmp, "tokenizer.json"), tokenizer_text.encode())
@@ -479,9 +543,16 @@ def main() -> None:
                         "ids 0..4, for data.py (then train.py --init_hf HF_DIR on that data)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT_JSON, or an OUT_DIR that --export wrote; without it they are refused")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="--export: store the weights as float32, or rounded to bfloat16 (half the bytes; "
+                        "transformers and --init_hf load them as float32) (default: fp32)")
+    p.add_argument("--shard_mb", type=common.non_negative_float, default=0.0,
+                   help="--export: split the weights into files of under this many MiB (model-0000i-of-0000n."
+                        "safetensors and model.safetensors.index.json, transformers' sharded layout); 0 = one "
+                        "model.safetensors (default: 0)")
     args = p.parse_args()
     if args.export:
-        architecture = export_hf(*args.export, overwrite=args.overwrite)
+        architecture = export_hf(*args.export, overwrite=args.overwrite, dtype=args.dtype, shard_mb=args.shard_mb)
         auto = "AutoModelForSequenceClassification" if architecture in CLASSIFIERS.values() else "AutoModelForMaskedLM"
         print(f"wrote {args.export[1]}: {architecture} (load with transformers.{auto}.from_pretrained and "
               "AutoTokenizer.from_pretrained)")

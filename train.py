@@ -3,6 +3,7 @@
     python train.py --batch_size 256 --max_tokens 1B                     # mini BERT, data/ and tokenizer.json
     python train.py --model base --batch_size 2048 --micro_batch_size 64 --batch_size_start 256
     python train.py --out_dir out --resume                                # continue exactly where out/ stopped
+    python train.py --max_minutes 6.5 --eval_every 100M                   # max_tokens fixed from timed steps
 
 Training length, schedules, evaluation and checkpoint intervals are counted in tokens (sequences x seq_len), so
 they mean the same whatever the batch size. Each step: one global batch, split into microbatches (gradient
@@ -82,6 +83,48 @@ def seq_len_at(tokens: float, *, start: int, end: int, warmup_tokens: float) -> 
 def crossed(before: int, after: int, every: int) -> bool:
     """Did the token count pass a multiple of `every` during this step?"""
     return every > 0 and before // every != after // every
+
+
+def shape_at(tokens: float, max_tokens: int, args, multiple: int) -> tuple[int, int]:
+    """(global batch in seq_len-token sequences, window length) of the step that starts at `tokens` in a run of
+    max_tokens: the batch-size ramp and the sequence-length warmup, both fractions of max_tokens."""
+    batch = batch_size_at(tokens, start=train_flags.ramp_start(args), end=args.batch_size,
+                          ramp_tokens=args.batch_warmup_frac * max_tokens, multiple=multiple)
+    length = seq_len_at(tokens, start=args.seq_len_start or args.seq_len, end=args.seq_len,
+                        warmup_tokens=args.seq_warmup_frac * max_tokens)
+    return batch, length
+
+
+def steps_per_shape(max_tokens: int, args, multiple: int) -> dict[tuple[int, int], int]:
+    """How many steps a run of max_tokens takes at each (batch, length) of its schedules."""
+    counts, tokens = {}, 0
+    ramps_end = max(args.batch_warmup_frac, args.seq_warmup_frac if args.seq_len_start else 0.0) * max_tokens
+    while tokens < max_tokens:
+        batch, length = shape_at(tokens, max_tokens, args, multiple)
+        steps = 1 if tokens < ramps_end else math.ceil((max_tokens - tokens) / (batch * args.seq_len))  # one shape
+        counts[batch, length] = counts.get((batch, length), 0) + steps
+        tokens += steps * batch * args.seq_len
+    return counts
+
+
+def tokens_within(seconds: float, step_seconds: dict, eval_seconds: float, args, multiple: int) -> int:
+    """--max_minutes: the largest max_tokens, in whole final batches, whose steps (at the measured seconds per step
+    of each shape) and evaluations (every --eval_every tokens and at the end) take at most `seconds`; 0 if none."""
+    unit, final = args.batch_size * args.seq_len, step_seconds[args.batch_size, args.seq_len]
+
+    def seconds_for(max_tokens: int) -> float:
+        evals = (max_tokens // args.eval_every if args.eval_every else 0) + 1 if args.eval_windows else 0
+        per_step = steps_per_shape(max_tokens, args, multiple).items()  # a shape not timed: at the final rate
+        return evals * eval_seconds + sum(n * step_seconds.get(shape, final * shape[0] / args.batch_size)
+                                          for shape, n in per_step)
+
+    low, high = 0, 1  # whole final batches: low fits, high does not
+    while seconds_for(high * unit) <= seconds:
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if seconds_for(mid * unit) <= seconds else (low, mid)
+    return low * unit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,6 +399,81 @@ def measured_peak_flops(dtype) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Wall-clock budget (--max_minutes)
+
+def time_steps(train_step, state: TrainState, reader, shape: tuple[int, int], run: "Run", train_key,
+               min_steps: int, min_seconds: float = 0.0) -> tuple[TrainState, float]:
+    """Seconds per step at (batch, length), stepping `state` (a scratch copy: the step donates it) on real batches
+    with lr 0, each step's metrics read back once the next is dispatched, as the training loop does. The first step
+    compiles (or finds the compiled step) and is not timed; then at least min_steps and min_seconds, at most 200."""
+    batch, length = shape
+    pending, steps, started = None, -1, 0.0
+    while steps < min_steps or (time.perf_counter() - started < min_seconds and steps < 200):
+        tokens = shard_rows(reader.batch(steps + 1, batch * (run.args.seq_len // length), length), run.mesh)
+        state, metrics = train_step(state, tokens, np.int32(steps + 1), np.float32(0.0), train_key,
+                                    accum_steps=batch // run.rows_per_micro)
+        if pending is None:
+            jax.block_until_ready(metrics)  # compiled and run once: the clock starts
+            started = time.perf_counter()
+        else:
+            jax.device_get(pending)
+        pending, steps = metrics, steps + 1
+    jax.device_get(pending)
+    return state, (time.perf_counter() - started) / steps
+
+
+def budget_max_tokens(train_step, state: TrainState, reader, run: "Run", train_key, deadline: float,
+                      eval_once: Callable[[], float] | None) -> tuple[int, dict]:
+    """--max_minutes on a fresh run: the max_tokens whose steps and evaluations end by `deadline` (time.monotonic()).
+
+    Times a step of every (batch, length) the schedules use, on a scratch copy of the state (so the run itself is
+    exactly the one `--max_tokens N` gives), which also compiles them all now rather than during the run; then one
+    evaluation (eval_once: its seconds, compiled on its first call); then fits max_tokens to the time left.
+    Every process takes process 0's numbers. -> (max_tokens, what it was fixed from)."""
+    args, multiple, timing_started = run.args, run.rows_per_micro, time.monotonic()
+    scratch = jax.jit(partial(jax.tree.map, jnp.copy), out_shardings=NamedSharding(run.mesh, P()))(state)
+    final = (args.batch_size, args.seq_len)
+    measure = min(1.0, 0.01 * (deadline - time.monotonic()))  # the final shape's rate: most of the run's steps
+    scratch, final_seconds = time_steps(train_step, scratch, reader, final, run, train_key, 3, measure)
+    unit = args.batch_size * args.seq_len
+    first_guess = int(multihost_utils.broadcast_one_to_all(
+        np.int32(max(1, (deadline - time.monotonic()) / final_seconds))))  # in final batches, the same everywhere
+    step_seconds = {final: final_seconds}
+    for shape in steps_per_shape(first_guess * unit, args, multiple):
+        if shape not in step_seconds:
+            scratch, step_seconds[shape] = time_steps(train_step, scratch, reader, shape, run, train_key, 2)
+    del scratch
+    eval_seconds = 0.0
+    if eval_once:
+        eval_once()  # compiles
+        eval_seconds = eval_once()
+    left = 0.97 * (deadline - time.monotonic())  # a margin for the timing's noise
+    fits = tokens_within(left, step_seconds, eval_seconds, args, multiple) // unit
+    max_tokens = unit * int(multihost_utils.broadcast_one_to_all(np.int32(fits)))
+    if args.max_tokens is not None:  # an explicit --max_tokens caps the budget's
+        max_tokens = min(max_tokens, args.max_tokens)
+    info = dict(max_tokens=max_tokens, seconds_left=left, timing_seconds=time.monotonic() - timing_started, final_tokens_per_s=unit / final_seconds,
+                step_seconds={f"{b}x{length}": t for (b, length), t in step_seconds.items()},
+                eval_seconds=eval_seconds)
+    return max_tokens, info
+
+
+def budget_line(budget: dict) -> str:
+    """Why --max_minutes chose its max_tokens, in one line."""
+    return (f"what the steps and evaluations fit into the {budget['seconds_left']:.1f} s left of --max_minutes "
+            f"(97%, after {budget['timing_seconds']:.1f} s timing and compiling) at the measured {budget['final_tokens_per_s']:,.0f} tokens/s of full batches, seconds per step "
+            + ", ".join(f"{shape} {t:.4f}" for shape, t in budget["step_seconds"].items())
+            + f", {budget['eval_seconds']:.2f} s per evaluation")
+
+
+def timed(fn, *args) -> float:
+    """Seconds fn(*args) takes."""
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reporting, evaluating, checkpointing
 
 class Pending(NamedTuple):
@@ -456,14 +574,21 @@ def bad_batch(p: Pending, run: Run) -> str | None:
             f"python data.py --verify --out {args.data_dir} --tokenizer {tokenizer}")
 
 
-def evaluate(eval_step, params, windows: np.ndarray, at: Progress, log: Log, run: Run) -> None:
-    """MLM loss and accuracy on the fixed evaluation windows, logged."""
-    started, sums = time.perf_counter(), np.zeros(3)
+def eval_metrics(eval_step, params, windows: np.ndarray, run: Run) -> tuple[float, float]:
+    """MLM loss and accuracy on the fixed evaluation windows."""
+    sums = np.zeros(3)
     rows = np.arange(len(windows), dtype=np.int32)  # each row's masks come from its index
     for i in range(0, len(windows), run.rows_per_micro):
         chunk = (shard_rows(x[i:i + run.rows_per_micro], run.mesh) for x in (windows, rows))
         sums += [float(v) for v in eval_step(params, *chunk)]
     loss, acc = sums[:2] / sums[2]  # weighted means over the masked positions
+    return loss, acc
+
+
+def evaluate(eval_step, params, windows: np.ndarray, at: Progress, log: Log, run: Run) -> None:
+    """MLM loss and accuracy on the fixed evaluation windows, logged."""
+    started = time.perf_counter()
+    loss, acc = eval_metrics(eval_step, params, windows, run)
     log.history["eval"].append(dict(step=at.step, tokens=at.tokens_seen, loss=loss, accuracy=acc))
     log.scalar("eval_loss", loss, at.tokens_seen)
     log.scalar("eval_accuracy", acc, at.tokens_seen)
@@ -559,6 +684,7 @@ def close_log(writer, out_dir: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns the history of this run (per-step losses, evals, ...), for tests and notebooks."""
+    started = time.monotonic()  # --max_minutes counts from here
     args, resumed = train_flags.parse_args(argv, __doc__)
     setup_distributed(args)
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
@@ -584,18 +710,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_windows:
         windows = eval_windows(args, common.sha256_bytes(tokenizer_bytes), run.rows_per_micro)
         eval_step = make_eval_step(net, cfg, args.mask_rate, eval_key, mesh)
+    deadline = started + 60 * args.max_minutes if args.max_minutes else None
+    budget = None
+    if deadline is not None and not resumed:  # a resumed run keeps the schedule its checkpoint fixed
+        eval_once = (lambda: timed(eval_metrics, eval_step, state.params, windows, run)) if args.eval_windows else None
+        args.max_tokens, budget = budget_max_tokens(train_step, state, reader, run, train_key, deadline, eval_once)
+        if args.max_tokens < train_flags.ramp_start(args) * args.seq_len:
+            raise UserError(f"--max_minutes {args.max_minutes} leaves no time for one batch ({budget_line(budget)}); "
+                            "give more minutes or a smaller model or batch")
+        if is_main:
+            print(f"max_tokens {args.max_tokens:,} ({args.max_tokens / 1e6:.1f}M): {budget_line(budget)}", flush=True)
     log = open_log(args.out_dir, is_main, at.step, num_devices)
+    log.history["budget"] = budget
     bar = tqdm(total=args.max_tokens, initial=min(at.tokens_seen, args.max_tokens), unit="tok", unit_scale=True,
                disable=None if is_main else True, dynamic_ncols=True)
-    pending, stop, stopping = None, StopRequest(), False
+    pending, stop, stopping, out_of_time = None, StopRequest(), False, False
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log.line(start_line(run, state, at, resumed))  # from this line on, a signal makes a checkpoint
     try:
-        while at.tokens_seen < args.max_tokens and not stopping:
-            batch = batch_size_at(at.tokens_seen, start=train_flags.ramp_start(args), end=args.batch_size,
-                                  ramp_tokens=args.batch_warmup_frac * args.max_tokens, multiple=run.rows_per_micro)
-            length = seq_len_at(at.tokens_seen, start=args.seq_len_start or args.seq_len, end=args.seq_len,
-                                warmup_tokens=args.seq_warmup_frac * args.max_tokens)
+        while at.tokens_seen < args.max_tokens and not stopping and not out_of_time:
+            batch, length = shape_at(at.tokens_seen, args.max_tokens, args, run.rows_per_micro)
             before, after = at.tokens_seen, at.tokens_seen + batch * args.seq_len
             lr = lr_at(after, peak=args.lr, max_tokens=args.max_tokens, warmup_frac=args.warmup_frac,
                        final_frac=args.final_lr_frac, anneal=args.anneal)
@@ -608,6 +742,8 @@ def main(argv: list[str] | None = None) -> dict:
             bar.update(min(after, args.max_tokens) - min(before, args.max_tokens))
             if jax.process_count() == 1 or at.step % stop.every == 0:  # all processes stop at the same step
                 stopping = bool(multihost_utils.process_allgather(np.int32(stop.signum is not None)).max())
+            if deadline is not None and (jax.process_count() == 1 or at.step % stop.every == 0):
+                out_of_time = bool(multihost_utils.process_allgather(np.int32(time.monotonic() > deadline)).max())
             if args.eval_windows and crossed(before, after, args.eval_every):
                 at, pending = report(pending, at, log, run), None
                 evaluate(eval_step, state.params, windows, at, log, run)
@@ -622,6 +758,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"stopped by {signal.Signals(signum).name} at step {at.step}; checkpoint "
                       f"{log.history['checkpoints'][-1]}; continue with --resume", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
+        if out_of_time and at.tokens_seen < args.max_tokens and is_main:
+            print(f"warning: --max_minutes {args.max_minutes} ran out at {at.tokens_seen:,} of --max_tokens "
+                  f"{args.max_tokens:,} tokens: the schedule did not finish; stopped with a checkpoint (continue "
+                  f"with --resume --max_minutes M)", file=sys.stderr, flush=True)
         if args.eval_windows and not (log.history["eval"] and log.history["eval"][-1]["step"] == at.step):
             evaluate(eval_step, state.params, windows, at, log, run)
         save(state, at, log, run)
@@ -632,7 +772,8 @@ def main(argv: list[str] | None = None) -> dict:
         lost = close_log(log.writer, args.out_dir) if log.writer else None
     if lost:  # the run and its checkpoints are complete
         print(f"warning: {lost}", file=sys.stderr)
-    log.history.update(skipped_steps=at.skipped_steps, compiles=train_step._cache_size())
+    log.history.update(skipped_steps=at.skipped_steps, compiles=train_step._cache_size(), max_tokens=args.max_tokens,
+                       out_of_time=out_of_time and at.tokens_seen < args.max_tokens)
     return log.history
 
 

@@ -13,13 +13,15 @@ from common import UserError
 # Flags that change how a run is executed or reported, never its numbers; a resumed run may change them freely.
 OPERATIONAL_FLAGS = {"data_dir", "tokenizer", "out_dir", "resume", "log_every", "eval_every", "ckpt_every",
                      "keep_ckpts", "peak_flops", "micro_batch_size", "decode_all", "coordinator", "num_processes",
-                     "process_id", "coordinator_timeout"}
+                     "process_id", "coordinator_timeout",
+                     "max_minutes"}  # max_minutes fixes max_tokens once, at a fresh run's start: it is saved
 # Flags that decide the numbers: a resumed run that changes one says so. Every flag is in one of the two sets
 # (tests/test_train_flags.py checks).
 NUMERIC_FLAGS = {"seed", "model", "num_layers", "hidden_size", "num_heads", "intermediate_size", "post_ln", "init_hf",
                  "position_init", "dropout", "seq_len", "seq_len_start", "seq_warmup_frac", "mask_rate", "precision",
                  "loss_scale_init", "lr", "warmup_frac", "final_lr_frac", "anneal", "weight_decay", "b1", "b2", "eps",
                  "grad_clip", "max_tokens", "batch_size", "batch_size_start", "batch_warmup_frac", "eval_windows"}
+DEFAULT_MAX_TOKENS = 2_000_000
 PER_PROCESS_FLAGS = {"out_dir", "resume", "coordinator", "num_processes", "process_id", "coordinator_timeout"}
 # No machine trains a BERT on more tokens: 1e15 is about 7000 times the 137B tokens of BERT's own pretraining.
 MAX_TOKENS = 10**15
@@ -134,10 +136,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="clip gradients to this global norm; 0 = no clipping (default: 1.0)")
 
     g = p.add_argument_group("batch and length")
-    g.add_argument("--max_tokens", type=token_budget, default=parse_count("2M"),
+    g.add_argument("--max_tokens", type=token_budget,
                    help="train on this many tokens (sequences x seq_len); suffixes k/M/B; at most 1e15, more than "
-                        "any machine trains a BERT on (default: 2M, the quick start: about 10 minutes of mini on a "
-                        "2-core CPU)")
+                        "any machine trains a BERT on; with --max_minutes, the most it may choose (default: 2M, the "
+                        "quick start: about 10 minutes of mini on a 2-core CPU; with --max_minutes, no cap)")
+    g.add_argument("--max_minutes", type=common.non_negative_float, default=0.0,
+                   help="wall-clock budget: a fresh run times a step of every batch/window shape its schedules "
+                        "use (on a scratch copy, compiling them) and one evaluation, then fixes --max_tokens to "
+                        "what fits in the minutes left (counted from start-up; checkpoints not included), so that "
+                        "the one-cycle schedule, batch ramp and sequence-length warmup end at the budget; it prints "
+                        "the chosen count and saves it with the flags, and --resume continues that schedule. The "
+                        "training loop also stops at the deadline, with a checkpoint, should the steps run slower "
+                        "than timed. 0 = no budget (default: 0)")
     g.add_argument("--batch_size", type=common.positive_int, default=64,
                    help="global batch size in sequences (default: 64)")
     g.add_argument("--batch_size_start", type=common.non_negative_int,
@@ -186,6 +196,8 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[argparse.Names
     parser = build_parser(description)
     args = parser.parse_args(argv)
     if not args.resume:
+        if args.max_tokens is None and not args.max_minutes:
+            args.max_tokens = DEFAULT_MAX_TOKENS
         return args, None
     path = checkpoint.latest_checkpoint(args.out_dir, skip_damaged=True, fields=checkpoint.RESUME_FIELDS)
     if path is None:
@@ -223,7 +235,7 @@ def check_config(args, num_devices: int) -> int:
     short = args.seq_len_start or args.seq_len
     if short < 1 or args.seq_len % short or (args.seq_len // short).bit_count() != 1:
         raise UserError(f"--seq_len {args.seq_len} must be --seq_len_start {args.seq_len_start} times a power of 2")
-    if args.max_tokens < start * args.seq_len:
+    if args.max_tokens is not None and args.max_tokens < start * args.seq_len:
         raise UserError(f"--max_tokens {args.max_tokens} is less than one batch ({start} x {args.seq_len} tokens)")
     return micro * num_devices
 

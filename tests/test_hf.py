@@ -324,6 +324,55 @@ def test_export_refuses_a_checkpoint_it_cannot_map(tmp_path, tiny_tokenizer_path
     assert not os.path.exists(tmp_path / "hf")
 
 
+def bf16_rounded(params: dict) -> dict:
+    import ml_dtypes
+
+    return jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
+
+
+def test_export_in_bf16_shards_imports_as_the_rounded_model(tmp_path, tiny_tokenizer_path):
+    """--dtype bf16 --shard_mb: transformers' sharded layout, every file under the limit, read back (bf16 as float32)
+    to exactly the bf16-rounded params; a tensor larger than a shard is refused by name."""
+    folder, cfg, params = random_checkpoint(tmp_path, tiny_tokenizer_path, post_ln=False)
+    out, limit = str(tmp_path / "hf"), 0.02  # MiB: the bf16 word embeddings (200 x 32 x 2 bytes) take most of a shard
+    hf.export_hf(folder, out, dtype="bf16", shard_mb=limit)
+    files = sorted(os.listdir(out))
+    shard_files = [f for f in files if f.startswith("model-")]
+    assert len(shard_files) >= 3 and "model.safetensors" not in files and hf.SHARD_INDEX in files
+    assert all(os.path.getsize(os.path.join(out, f)) < limit * 2**20 for f in shard_files)
+    index = json.loads(open(os.path.join(out, hf.SHARD_INDEX)).read())
+    assert sorted(set(index["weight_map"].values())) == shard_files
+    assert json.loads(open(os.path.join(out, "config.json")).read())["torch_dtype"] == "bfloat16"
+    _, params2, _, _ = hf.load_hf(out)
+    rounded = bf16_rounded(params)
+    assert set(params2) == set(params)
+    for module, leaves in rounded.items():
+        for name, value in leaves.items():
+            assert params2[module][name].dtype == np.float32
+            np.testing.assert_array_equal(params2[module][name], value)
+    hf.export_hf(folder, out, overwrite=True)  # a sharded folder is one export wrote: replaced by one fp32 file
+    assert sorted(os.listdir(out)) == list(hf.EXPORT_FILES)
+    with pytest.raises(UserError, match="does not fit in a shard"):
+        hf.export_hf(folder, str(tmp_path / "small"), shard_mb=limit)  # float32 embeddings: 25.6 KB
+
+
+@needs_torch
+def test_bf16_shards_run_in_transformers_with_the_rounded_models_logits(tmp_path, tiny_tokenizer_path):
+    import torch
+    import transformers
+
+    folder, cfg, params = random_checkpoint(tmp_path, tiny_tokenizer_path, post_ln=False, seed=1)
+    out = str(tmp_path / "hf")
+    hf.export_hf(folder, out, dtype="bf16", shard_mb=0.02)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(out, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(5, cfg.vocab_size, (2, 24)).astype(np.int32)
+    with torch.no_grad():
+        got = theirs(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    _, ours = forward(cfg, bf16_rounded(params), tokens, None, None)
+    np.testing.assert_allclose(got, ours, atol=1e-4, rtol=0)
+
+
 @needs_torch
 @pytest.mark.parametrize("post_ln", [True, False], ids=["post_ln", "pre_ln"])
 def test_exported_folder_runs_in_transformers_with_the_same_logits(tmp_path, tiny_tokenizer_path, post_ln):

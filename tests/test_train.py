@@ -337,6 +337,54 @@ def test_decode_all_gives_the_same_loss(corpus, cache_dir, tmp_path):
         assert args.decode_all is expected
 
 
+def test_max_minutes_fixes_max_tokens_so_the_schedules_end_at_the_budget(corpus, cache_dir, tmp_path, capsys):
+    """--max_minutes times the steps, fixes --max_tokens once (printed, saved with the flags) and trains exactly the
+    run that --max_tokens would: every schedule ends, the learning rate at its final value; --resume keeps it, and
+    a resumed run out of minutes stops at its deadline with a checkpoint."""
+    schedules = ["--seq_len_start", "8", "--seq_warmup_frac", "0.3", "--final_lr_frac", "0.1"]
+    # A short run first puts the steps of all four shapes (batch 8 or 16 x windows of 8, 16 or 32) into the
+    # compilation cache, so that the budget goes to training rather than to compiling on a busy CPU.
+    train.main(run_flags(corpus, tmp_path / "warm", *schedules, "--max_tokens", "8192", "--ckpt_every", "0"))
+    flags = run_flags(corpus, tmp_path / "budget", *schedules, "--max_minutes", "0.25")
+    del flags[flags.index("--max_tokens"):][:2]  # no cap: the budget decides
+    h = train.main(flags)
+    max_tokens = h["max_tokens"]
+    assert h["budget"]["max_tokens"] == max_tokens > 16 * SEQ_LEN and max_tokens % (16 * SEQ_LEN) == 0
+    assert f"max_tokens {max_tokens:,}" in capsys.readouterr().out
+    assert not h["out_of_time"]
+    state = checkpoint.read_state(checkpoint.latest_checkpoint(str(tmp_path / "budget")))
+    assert state["tokens_seen"] >= max_tokens and state["args"]["max_tokens"] == max_tokens
+    assert state["args"]["max_minutes"] == 0.25
+    assert h["lr"][-1] == pytest.approx(0.1 * 5e-3)  # the one cycle ended
+    shapes = train.steps_per_shape(max_tokens, argparse_namespace(flags), 8)
+    assert len(h["loss"]) == sum(shapes.values()) and h["compiles"] == len(shapes) == 4  # ramps and stages
+    assert h["batch_size"][0] == 8 and h["batch_size"][-1] == 16
+
+    # The same run as --max_tokens: the timing steps touched a scratch copy only.
+    fixed = train.main(run_flags(corpus, tmp_path / "fixed", *schedules, "--max_tokens", str(max_tokens)))
+    np.testing.assert_allclose(fixed["loss"], h["loss"], rtol=1e-6)
+    assert fixed["budget"] is None
+
+    # --resume continues the saved schedule without timing again; out of minutes, it stops with a checkpoint.
+    mid = sorted(n for n in os.listdir(tmp_path / "budget") if n.startswith("ckpt_"))[0]
+    for name, minutes in (("resumed", []), ("late", ["--max_minutes", "1e-6"])):
+        shutil.copytree(tmp_path / "budget" / mid, tmp_path / name / mid)
+        resumed = train.main(["--out_dir", str(tmp_path / name), "--resume", *minutes])
+        assert resumed["budget"] is None and resumed["max_tokens"] == max_tokens
+        k = resumed["start_step"]
+        if name == "resumed":
+            np.testing.assert_allclose(resumed["loss"], h["loss"][k:], rtol=1e-6)
+            assert not resumed["out_of_time"]
+        else:
+            assert resumed["out_of_time"] and len(resumed["loss"]) == 1  # stopped after its first step
+            assert checkpoint.read_state(checkpoint.latest_checkpoint(str(tmp_path / name)))["step"] == k + 1
+            assert "the schedule did not finish" in capsys.readouterr().err
+
+
+def argparse_namespace(flags: list[str]):
+    return train_flags.parse_args(flags, "")[0]
+
+
 def test_fp16_skips_non_finite_steps_and_lowers_the_scale(run, tmp_path):
     """Continue the reference run from a checkpoint in fp16 for two steps (2 microbatches of 8 each)."""
     mid = sorted(n for n in os.listdir(run["out"]) if n.startswith("ckpt_"))[0]
@@ -541,6 +589,8 @@ BAD_INPUTS = {  # name: (extra flags with {corpus} fields, expected message, dev
     "max_tokens_too_small": (["--max_tokens", "100"], "less than one batch", 1, False),
     "seq_len_start_not_a_power_of_2_below": (["--seq_len_start", "12"], "times a power of 2", 1, False),
     "resume_without_checkpoint": (["--resume"], "no complete checkpoint", 1, False),
+    "negative_max_minutes": (["--max_minutes", "-1"], "--max_minutes must be >= 0", 1, False),
+    "max_minutes_too_short": (["--max_minutes", "1e-6"], "leaves no time for one batch", 1, False),
 }
 
 
