@@ -589,7 +589,7 @@ BAD_INPUTS = {  # name: (extra flags with {corpus} fields, expected message, dev
     "max_tokens_too_small": (["--max_tokens", "100"], "less than one batch", 1, False),
     "seq_len_start_not_a_power_of_2_below": (["--seq_len_start", "12"], "times a power of 2", 1, False),
     "resume_without_checkpoint": (["--resume"], "no complete checkpoint", 1, False),
-    "negative_max_minutes": (["--max_minutes", "-1"], "--max_minutes must be >= 0", 1, False),
+    "negative_max_minutes": (["--max_minutes", "-1"], "--max_minutes must be a number >= 0", 1, False),
     "max_minutes_too_short": (["--max_minutes", "1e-6"], "leaves no time for one batch", 1, False),
 }
 
