@@ -259,7 +259,12 @@ def alone(args, cfg, hf_dropouts: list[float]) -> None:
 def separate(args, cfg) -> None:
     """Ours and transformers each alone in a fresh process, --separate alternating rounds: ours first in even
     rounds, transformers first in odd ones; the table of per-round tokens/s and the medians of per-round ratios."""
-    child = [sys.executable, os.path.abspath(__file__), *[a for a in sys.argv[1:] if not a.startswith("--separate")]]
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):  # the same flags, less --separate N (or --separate=N)
+        if a.startswith("--separate"):
+            argv = argv[:i] + argv[i + (1 if "=" in a else 2):]
+            break
+    child = [sys.executable, os.path.abspath(__file__), *argv]
     rounds = []
     for r in range(args.separate):
         order = ["ours", "transformers"] if r % 2 == 0 else ["transformers", "ours"]
