@@ -4,15 +4,25 @@ A step is train.py's own (train.make_train_step with train.py's default flags): 
 gradient clipping, AdamW with its decay mask, the metrics and the loss scale, in one jitted function that donates
 its buffers. MFU = flops_per_token * tokens/s / peak, where peak is a square matmul timed in this
 same run (fp32 on CPU; in the compute dtype for bf16/fp16). Tokens are synthetic: speed does not depend on
-them. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
+them. On CPU ours runs as train.py does: one JAX device per core, data parallel (train.use_every_core).
+With --separate, each framework runs alone in a fresh process, as a user would run it, in alternating rounds; the
+ratios are medians of per-round ratios. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
     pip install torch==2.13.0 transformers   (the CPU build)
 
-    python bench.py --model mini                       # ours vs transformers (dropout 0.1 and 0.0)
+    python bench.py --model mini --separate 3          # ours vs transformers, each alone in its own process
+    python bench.py --model mini                       # ours vs transformers in one process (interleaved)
     python bench.py --model small --sweep              # plus microbatch sizes and accumulation steps
     python bench.py --model base --precision bf16      # on a GPU: MFU against the measured bf16 peak
 """
 import argparse
+import collections
+import glob
+import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from functools import partial
 from typing import Callable
@@ -158,6 +168,13 @@ def build_parser() -> common.ArgumentParser:
                              "not page-fault their temporaries afresh; applies to both sides of the comparison")
     parser.add_argument("--sweep", action="store_true",
                         help="also time microbatch sizes 8..64 and 1/2/4 accumulation steps (ours only)")
+    parser.add_argument("--separate", type=common.non_negative_int, default=0, metavar="ROUNDS",
+                        help="time each framework alone in its own process (ours, then transformers at each "
+                             "--hf_dropout), this many alternating rounds; ratios are medians of per-round ratios")
+    parser.add_argument("--alone", choices=["ours", "transformers"], help=argparse.SUPPRESS)  # --separate's child
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="only profile our step (jax.profiler, --steps steps): time by kind of XLA op and the "
+                             "N costliest ops; no timing rounds")
     return parser
 
 
@@ -228,12 +245,103 @@ def sweep(args, cfg, peak_runner, peak_flop: float) -> None:
         print(f"| {a:>5} | {B // a:>10} | {B * T / np.median(t):9.0f} | {np.median(accum_times[1] / t):9.2f} |")
 
 
+def alone(args, cfg, hf_dropouts: list[float]) -> None:
+    """--separate's child: one framework in this process; prints its tokens/s (median of --rounds) as JSON."""
+    B, T = args.batch_size, args.seq_len
+    if args.alone == "ours":
+        runners = {"ours": OurRunner(cfg, B, T, args.mask_rate).run}
+    else:
+        runners = {f"transformers dropout {d}": HFRunner(cfg, B, T, args.mask_rate, d, args.precision).run
+                   for d in hf_dropouts}
+    times = interleaved(runners, args.steps, args.rounds)
+    print("RESULT " + json.dumps({name: B * T / float(np.median(t)) for name, t in times.items()}))
+
+
+def separate(args, cfg) -> None:
+    """Ours and transformers each alone in a fresh process, --separate alternating rounds: ours first in even
+    rounds, transformers first in odd ones; the table of per-round tokens/s and the medians of per-round ratios."""
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):  # the same flags, less --separate N (or --separate=N)
+        if a.startswith("--separate"):
+            argv = argv[:i] + argv[i + (1 if "=" in a else 2):]
+            break
+    child = [sys.executable, os.path.abspath(__file__), *argv]
+    rounds = []
+    for r in range(args.separate):
+        order = ["ours", "transformers"] if r % 2 == 0 else ["transformers", "ours"]
+        rates = {}
+        for side in order:
+            proc = subprocess.run([*child, "--alone", side], capture_output=True, text=True)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not found:
+                raise SystemExit(f"error: the {side} process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            rates.update(json.loads(found[-1][len("RESULT "):]))
+        load = os.getloadavg()[0]
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + f" tokens/s; load {load:.2f}",
+              flush=True)
+        rounds.append(rates)
+    names = list(rounds[0])
+    print(f"\n| {'run (own process)':<26} | {'tokens/s':>9} | {'ours / this':>11} | per-round ratios")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 13}|{'-' * 17}")
+    for name in ["ours", *[n for n in names if n != "ours"]]:
+        rate = np.median([r[name] for r in rounds])
+        ratios = [r["ours"] / r[name] for r in rounds]
+        print(f"| {name:<26} | {rate:9.0f} | {np.median(ratios):10.2f}x | "
+              + ", ".join(f"{x:.2f}" for x in ratios))
+    print(f"(medians over {len(rounds)} rounds of separate processes; tokens/s per process: median of its "
+          f"{args.rounds} timing rounds of {args.steps} steps)")
+
+
+def profile(args, cfg) -> None:
+    """jax.profiler trace of our step: where a step's time goes, as XLA:CPU's own per-op (thunk) timings.
+
+    Ops are summed over every thread (a thread pool runs several at once), by op and by kind (the name without its
+    number: fusion, ynn_fusion for matmuls, ...); "host" is the Python side of a step (train_step's dispatch)."""
+    runner = OurRunner(cfg, args.batch_size, args.seq_len, args.mask_rate)
+    runner.run(args.steps)  # warm
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            seconds = runner.run(args.steps)
+        trace = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    ops, kinds, host = collections.Counter(), collections.Counter(), 0.0
+    skip = ("ThreadpoolListener", "ThunkExecutor", "end: ", "SlinkyThreadPool", "$")
+    for plane in trace.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if line.name == "python":
+                    host += event.duration_ns * 1e-9 if event.name.startswith("PjitFunction(train_step") else 0.0
+                elif not event.name.startswith(skip):
+                    ops[event.name] += event.duration_ns * 1e-9
+                    kinds[re.sub(r"[.\d]+$", "", event.name)] += event.duration_ns * 1e-9
+    # What each op computes: the jax operation it came from (its op_name in the compiled HLO's metadata).
+    hlo = runner.step.lower(runner.state, runner.tokens, np.int32(0), runner.lr, runner.key,
+                            accum_steps=1).compile().as_text()
+    origin = dict(re.findall(r"%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo))
+    n = args.steps
+    print(f"\nprofile of ours, {n} steps: {seconds / n * 1e3:.1f} ms per step (wall, traced); ops summed over "
+          f"threads {sum(ops.values()) / n * 1e3:.1f} ms; host dispatch {host / n * 1e3:.1f} ms")
+    inside = sum(t for name, t in ops.items() if "while/body" in origin.get(name, ""))
+    print(f"forward and backward (inside the accumulation scan) {inside / n * 1e3:.1f} ms; the rest (masking, "
+          f"all-reduce, clipping, AdamW, metrics) {(sum(ops.values()) - inside) / n * 1e3:.1f} ms per step")
+    print(f"| {'kind of op':<40} | {'ms/step':>8} | {'share':>6} |")
+    for name, t in kinds.most_common(12):
+        print(f"| {name:<40} | {t / n * 1e3:8.2f} | {t / sum(ops.values()):6.1%} |")
+    print(f"| {'op':<28} | {'ms/step':>8} | {'share':>6} | from")
+    for name, t in ops.most_common(args.profile):
+        where = re.sub(r"^jit\(train_step\)/|while/body/|closed_call/", "", origin.get(name, ""))
+        print(f"| {name[:28]:<28} | {t / n * 1e3:8.2f} | {t / sum(ops.values()):6.1%} | {where}")
+
+
 def main():
     args = build_parser().parse_args()
     try:
         hf_dropouts = [float(d) for d in args.hf_dropout.split(",") if d.strip()]
     except ValueError:
         raise common.UserError(f"--hf_dropout must be comma-separated numbers, got {args.hf_dropout!r}") from None
+    if args.separate:  # the children do the work
+        return separate(args, model.make_config(args.model, args.vocab_size))
+    if args.alone != "transformers":  # one CPU device per core, as train.py; before JAX's first computation
+        train.use_every_core(lambda devices: args.batch_size % devices == 0)
     if not (args.hf if args.hf is not None else jax.default_backend() == "cpu"):
         hf_dropouts = []
     malloc_tuned = args.malloc_tuning and train.keep_freed_memory()  # before JAX and torch start their threads
@@ -247,6 +355,10 @@ def main():
     print(f"model FLOPs per token: {model.flops_per_token(cfg, args.seq_len, args.mask_rate) / 1e6:.1f} M "
           "(flops_per_token)")
     print(f"malloc tuning (keep freed memory): {'on' if malloc_tuned else 'off'}")
+    if args.profile:
+        return profile(args, cfg)
+    if args.alone:
+        return alone(args, cfg, hf_dropouts)
     peak_repeats = 5
     peak_runner = model.matmul_timer(args.peak_size, model.PRECISIONS[args.precision], peak_repeats)
     peak_flop = 2 * args.peak_size**3 * peak_repeats  # per step of the peak runner
