@@ -4,7 +4,7 @@ A step is train.py's own (train.make_train_step with train.py's default flags): 
 gradient clipping, AdamW with its decay mask, the metrics and the loss scale, in one jitted function that donates
 its buffers. MFU = flops_per_token * tokens/s / peak, where peak is a square matmul timed in this
 same run (fp32 on CPU; in the compute dtype for bf16/fp16). Tokens are synthetic: speed does not depend on
-them. On CPU ours runs as train.py does: one JAX device per core, data parallel (train.use_every_core).
+them. On CPU ours runs as train.py does: one JAX device, whose ops XLA's threads spread over the cores.
 With --separate, each framework runs alone in a fresh process, as a user would run it, in alternating rounds; the
 ratios are medians of per-round ratios. The transformers comparison (PyTorch, CPU) is a benchmark-only extra:
     pip install torch==2.13.0 transformers   (the CPU build)
@@ -340,8 +340,6 @@ def main():
         raise common.UserError(f"--hf_dropout must be comma-separated numbers, got {args.hf_dropout!r}") from None
     if args.separate:  # the children do the work
         return separate(args, model.make_config(args.model, args.vocab_size))
-    if args.alone != "transformers":  # one CPU device per core, as train.py; before JAX's first computation
-        train.use_every_core(lambda devices: args.batch_size % devices == 0)
     if not (args.hf if args.hf is not None else jax.default_backend() == "cpu"):
         hf_dropouts = []
     malloc_tuned = args.malloc_tuning and train.keep_freed_memory()  # before JAX and torch start their threads

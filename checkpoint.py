@@ -47,17 +47,18 @@ def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
     return {f"{prefix}/{path_key(path)}": np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def unflatten_like(template, arrays: dict, prefix: str):
-    """Fill template's structure (arrays or ShapeDtypeStructs) from arrays[prefix/path]; UserError on mismatch."""
+def unflatten_like(template, arrays: dict, prefix: str, where: str = "checkpoint",
+                   needs: str = "this configuration needs"):
+    """Fill template's structure (arrays or ShapeDtypeStructs) from arrays[prefix/path]; UserError on mismatch.
+    where, needs: how the messages name the source and what decided the template."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for path, leaf in leaves:
         key = f"{prefix}/{path_key(path)}"
         if key not in arrays:
-            raise UserError(f"checkpoint lacks {key}: it was made with another model or optimiser configuration")
+            raise UserError(f"{where} lacks {key}: it was made with another model or optimiser configuration")
         if arrays[key].shape != tuple(leaf.shape):
-            raise UserError(f"checkpoint {key} has shape {arrays[key].shape}, this configuration needs "
-                            f"{tuple(leaf.shape)}")
+            raise UserError(f"{where} {key} has shape {arrays[key].shape}, {needs} {tuple(leaf.shape)}")
         out.append(arrays[key].astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -385,16 +386,8 @@ def load_model_folder(path: str) -> Classifier:
     tokens = np.zeros((1, 2), np.int32)
     template = jax.eval_shape(bert.classifier_model(cfg, num_labels, pooling).init, jax.random.PRNGKey(0),
                               tokens, tokens, tokens > 0)
-    params: dict = {}
-    for module, leaves in template.items():
-        for name, leaf in leaves.items():
-            key = f"params/{module}/{name}"
-            if key not in arrays:
-                raise UserError(f"model folder {path}: arrays.npz lacks {key}, which its {MODEL_JSON} implies")
-            if arrays[key].shape != tuple(leaf.shape):
-                raise UserError(f"model folder {path}: {key} has shape {arrays[key].shape}, its {MODEL_JSON} "
-                                f"({num_labels} label(s), hidden size {cfg.hidden_size}) implies {tuple(leaf.shape)}")
-            params.setdefault(module, {})[name] = np.asarray(arrays[key], np.float32)
+    params = unflatten_like(template, arrays, "params", where=f"model folder {path}: arrays.npz",
+                            needs=f"its {MODEL_JSON} ({num_labels} label(s), hidden size {cfg.hidden_size}) implies")
     extra = sorted(set(arrays) - {f"params/{m}/{n}" for m, leaves in template.items() for n in leaves})
     if extra:
         raise UserError(f"model folder {path}: arrays.npz holds {extra[0]}, which its {MODEL_JSON}'s model lacks")

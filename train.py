@@ -227,33 +227,6 @@ def make_eval_step(net, cfg: bert.BertConfig, mask_rate: float, eval_key, mesh: 
 # ----------------------------------------------------------------------------------------------------------------
 # Devices
 
-def use_every_core(fits: Callable[[int], bool] = lambda devices: True) -> int | None:
-    """On CPU, one JAX device per core this process may run on (data parallel) instead of one device whose ops
-    XLA spreads over the cores: measured faster for tiny and mini on 2 cores (README, "Both cores in one run").
-    Only where nothing chose the device count already (XLA_FLAGS' --xla_force_host_platform_device_count or
-    jax_num_cpu_devices), and as many devices as `fits` accepts (the batch sizes must divide among them). Call
-    before JAX's first computation. Returns the number of CPU devices set, or None. (On a GPU or TPU the CPU
-    devices go unused: nothing changes.)"""
-    if (jax.config.jax_num_cpu_devices != -1
-            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    for devices in range(cores, 1, -1):
-        if fits(devices):
-            jax.config.update("jax_num_cpu_devices", devices)
-            return devices
-    return None
-
-
-def flags_fit(args, devices: int) -> bool:
-    """Do train.py's batch flags divide among this many devices (and pass the other checks)?"""
-    try:
-        train_flags.check_config(args, devices)
-    except UserError:
-        return False  # main's check_config reports the flags' own mistakes
-    return True
-
-
 def setup_distributed(args) -> None:
     if args.coordinator == "auto":
         join_processes(args)
@@ -711,14 +684,10 @@ def close_log(writer, out_dir: str) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
-def main(argv: list[str] | None = None, every_core: bool = False) -> dict:
-    """Train; returns the history of this run (per-step losses, evals, ...), for tests and notebooks.
-    every_core: one CPU device per core first (use_every_core), as `python train.py` does; only before JAX's
-    first computation (tests and notebooks that leave it False keep the devices they have)."""
+def main(argv: list[str] | None = None) -> dict:
+    """Train; returns the history of this run (per-step losses, evals, ...), for tests and notebooks."""
     started = time.monotonic()  # --max_minutes counts from here
     args, resumed = train_flags.parse_args(argv, __doc__)
-    if every_core and not args.coordinator and args.num_processes in (None, 1):  # else one device per process
-        use_every_core(partial(flags_fit, args))
     setup_distributed(args)
     num_devices, is_main = jax.device_count(), jax.process_index() == 0
     rows_per_micro = train_flags.check_config(args, num_devices)
@@ -812,4 +781,4 @@ def main(argv: list[str] | None = None, every_core: bool = False) -> dict:
 
 if __name__ == "__main__":
     keep_freed_memory()  # before JAX's first computation starts its threads
-    common.run_main(partial(main, every_core=True))
+    common.run_main(main)
